@@ -1,0 +1,43 @@
+"""Volume I/O: one reader/writer interface for zarr and precomputed, chosen by URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.volumes.base import Volume, VolumeMeta
+from pipeline.volumes.url import VolumeURL, parse_volume_url
+
+__all__ = ["Volume", "VolumeMeta", "VolumeURL", "create_volume", "open_volume", "parse_volume_url", "volume_exists"]
+
+
+def _backend(url: VolumeURL) -> Any:
+    if url.kind == "precomputed":
+        from pipeline.volumes.precomputed_volume import PrecomputedVolume
+
+        return PrecomputedVolume
+    from pipeline.volumes.zarr_volume import ZarrVolume
+
+    return ZarrVolume
+
+
+def open_volume(url: str | VolumeURL, mode: str = "r", scale: int = 0) -> Volume:
+    """Open an existing volume for reading (`mode="r"`) or reading and writing (`mode="r+"`)."""
+    parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
+    return _backend(parsed).open(parsed, mode=mode, scale=scale)
+
+
+def create_volume(url: str | VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> Volume:
+    """Create (or replace) a volume with the given metadata and return it open for writing."""
+    parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
+    return _backend(parsed).create(parsed, meta, attributes)
+
+
+def volume_exists(url: str | VolumeURL) -> bool:
+    """Whether a volume can be opened at `url`."""
+    from pipeline.errors import StorageError
+
+    try:
+        open_volume(url)
+    except StorageError:
+        return False
+    return True

@@ -1,0 +1,115 @@
+"""The one interface every volume backend implements, and the metadata that travels with a volume."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from daisy import Roi
+
+from pipeline.errors import GeometryError, StorageError
+from pipeline.volumes.url import VolumeURL
+
+Vec3 = tuple[int, int, int]
+LayerType = Literal["image", "segmentation"]
+
+
+@dataclass(frozen=True)
+class VolumeMeta:
+    """Shape and physical placement of a volume, always in (z, y, x) order.
+
+    Coordinates inside mitoseg are voxels from the array start; `voxel_offset` (voxels) and
+    `voxel_size_nm` only travel from input to output so that both line up in a viewer.
+    """
+
+    shape: Vec3
+    dtype: np.dtype
+    chunks: Vec3
+    num_channels: int = 1
+    voxel_size_nm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    voxel_offset: Vec3 = (0, 0, 0)
+    layer_type: LayerType = "image"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def roi(self) -> Roi:
+        """The whole volume as a region in voxels from the array start."""
+        return Roi((0, 0, 0), self.shape)
+
+    def derive(self, **changes: Any) -> VolumeMeta:
+        """A copy with some fields changed (e.g. the metadata of an output made from an input)."""
+        if "dtype" in changes:
+            changes["dtype"] = np.dtype(changes["dtype"])
+        return replace(self, **changes)
+
+
+class Volume(ABC):
+    """A 3D (optionally multi-channel) array in some storage, read and written by region."""
+
+    def __init__(self, url: VolumeURL, meta: VolumeMeta):
+        self.url = url
+        self.meta = meta
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url}, shape={self.meta.shape}, dtype={self.meta.dtype})"
+
+    def check_roi(self, roi: Roi) -> None:
+        """Refuse a region that is not inside the volume."""
+        if not self.meta.roi.contains(roi) or any(s <= 0 for s in roi.shape):
+            raise GeometryError(
+                f"region {roi} is outside {self.url} (volume shape z,y,x = {self.meta.shape}); "
+                "give a region inside the volume"
+            )
+
+    def read(self, roi: Roi) -> np.ndarray:
+        """Voxels of `roi` as (channels, z, y, x)."""
+        self.check_roi(roi)
+        try:
+            return self._read(roi)
+        except StorageError:
+            raise
+        except Exception as err:  # backends raise many kinds; name the volume and region
+            raise StorageError(f"cannot read region {roi} of {self.url}: {err}") from err
+
+    def write(self, roi: Roi, data: np.ndarray) -> None:
+        """Store (channels, z, y, x) `data` at `roi`."""
+        self.check_roi(roi)
+        expected = (self.meta.num_channels, *roi.shape)
+        if data.shape != expected:
+            raise GeometryError(f"data of shape {data.shape} does not fit region {roi}: expected {expected}")
+        if data.dtype != self.meta.dtype:
+            raise StorageError(f"cannot write {data.dtype} data into {self.url}, which holds {self.meta.dtype}")
+        try:
+            self._write(roi, data)
+        except StorageError:
+            raise
+        except Exception as err:
+            raise StorageError(f"cannot write region {roi} of {self.url}: {err}") from err
+
+    @property
+    @abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """What mitoseg recorded about how this volume was made (empty when nothing)."""
+
+    @abstractmethod
+    def set_provenance(self, record: dict[str, Any]) -> None:
+        """Record how this volume was made (checkpoint, threshold, job)."""
+
+    @abstractmethod
+    def _read(self, roi: Roi) -> np.ndarray: ...
+
+    @abstractmethod
+    def _write(self, roi: Roi, data: np.ndarray) -> None: ...
+
+
+def as_zyx(values: Any, name: str) -> Vec3:
+    """Three integers (z, y, x) from a sequence, with an error naming the field otherwise."""
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise StorageError(f"{name} must be three integers (z, y, x), got {values!r}") from err
+    if len(out) != 3:
+        raise StorageError(f"{name} must be three integers (z, y, x), got {values!r}")
+    return out  # type: ignore[return-value]

@@ -1,0 +1,184 @@
+"""Zarr volumes (v2 or v3, detected or forced), plain arrays and OME-Zarr multiscale groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from daisy import Roi
+
+from pipeline.errors import StorageError
+from pipeline.volumes.base import Volume, VolumeMeta, as_zyx
+from pipeline.volumes.url import VolumeURL
+
+PROVENANCE_KEY = "mitoseg"
+SPATIAL = ("z", "y", "x")
+
+
+def _store(url: VolumeURL) -> str:
+    return url.local_path if url.is_local else url.location
+
+
+def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    if "multiscales" in attrs:
+        return attrs["multiscales"]
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and "multiscales" in ome:
+        return ome["multiscales"]
+    return None
+
+
+def _axis_names(array: Any, attrs: dict[str, Any], ome_axes: list[Any] | None) -> list[str]:
+    """Axis names of an array from OME axes, zarr v3 dimension names or common attributes."""
+    names: Any = None
+    if ome_axes:
+        names = [a["name"] if isinstance(a, dict) else a for a in ome_axes]
+    elif getattr(array.metadata, "dimension_names", None):
+        names = list(array.metadata.dimension_names)
+    else:
+        names = attrs.get("axes") or attrs.get("_ARRAY_DIMENSIONS")
+    if names is None:
+        return ["c", *SPATIAL] if array.ndim == 4 else list(SPATIAL)
+    names = ["c" if str(n).lower() in ("c", "c^", "channel", "channels") else str(n).lower() for n in names]
+    return names
+
+
+def _scale_of(dataset: dict[str, Any]) -> list[float] | None:
+    for t in dataset.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            return [float(s) for s in t["scale"]]
+    return None
+
+
+class ZarrVolume(Volume):
+    """A zarr array seen as (channels, z, y, x), whatever its stored axis order."""
+
+    def __init__(self, url: VolumeURL, array: Any, meta: VolumeMeta, axes: list[str]):
+        super().__init__(url, meta)
+        self.array = array
+        self.axes = axes
+        want = ["c", *SPATIAL] if "c" in axes else list(SPATIAL)
+        self._to_czyx = [axes.index(a) for a in want]
+        self._from_czyx = [want.index(a) for a in axes]
+
+    @classmethod
+    def open(cls, url: VolumeURL, mode: str = "r", scale: int = 0) -> ZarrVolume:
+        """Open an existing array, or scale `scale` of an OME-Zarr multiscale group."""
+        try:
+            node = zarr.open(_store(url), mode="r" if mode == "r" else "r+", zarr_format=url.zarr_format)
+        except FileNotFoundError as err:
+            raise StorageError(f"no zarr array or group at {url}: check the path") from err
+        except Exception as err:
+            raise StorageError(f"cannot open {url} as zarr: {err}") from err
+        attrs = dict(node.attrs)
+        ome_axes = None
+        scale_nm: list[float] | None = None
+        if isinstance(node, zarr.Group):
+            multiscales = _ome_multiscales(attrs)
+            if not multiscales:
+                members = sorted(k for k, _ in node.arrays())
+                raise StorageError(
+                    f"{url} is a zarr group without OME-Zarr multiscales; name one of its arrays "
+                    f"instead: {members or 'it has none'}"
+                )
+            datasets = multiscales[0]["datasets"]
+            if not 0 <= scale < len(datasets):
+                raise StorageError(f"{url} has scale levels 0..{len(datasets) - 1}; scale {scale} was asked for")
+            ome_axes = multiscales[0].get("axes")
+            scale_nm = _scale_of(datasets[scale])
+            node = node[datasets[scale]["path"]]
+            attrs = {**attrs, **dict(node.attrs)}
+        return cls(url, node, *cls._meta(url, node, attrs, ome_axes, scale_nm))
+
+    @staticmethod
+    def _meta(
+        url: VolumeURL, array: Any, attrs: dict[str, Any], ome_axes: Any, scale_nm: list[float] | None
+    ) -> tuple[VolumeMeta, list[str]]:
+        if array.ndim not in (3, 4):
+            raise StorageError(
+                f"{url} has {array.ndim} dimensions (shape {array.shape}); mitoseg needs a 3D volume "
+                "(z, y, x) or (c, z, y, x)"
+            )
+        axes = _axis_names(array, attrs, ome_axes)
+        if len(axes) != array.ndim or sorted(a for a in axes if a != "c") != sorted(SPATIAL):
+            raise StorageError(f"{url} has axes {axes}; expected z, y, x and at most one channel axis c")
+        spatial_idx = [axes.index(a) for a in SPATIAL]
+        shape = tuple(int(array.shape[i]) for i in spatial_idx)
+        chunks = tuple(int(array.chunks[i]) for i in spatial_idx)
+        channels = int(array.shape[axes.index("c")]) if "c" in axes else 1
+        if scale_nm is not None:
+            res = [scale_nm[i] for i in spatial_idx]
+        else:
+            res = attrs.get("resolution_nm") or attrs.get("voxel_size") or attrs.get("resolution") or [1, 1, 1]
+        res = [float(r) for r in res]
+        if "voxel_offset" in attrs:
+            offset = as_zyx(attrs["voxel_offset"], f"{url} attribute voxel_offset")
+        elif "offset" in attrs:
+            offset = tuple(int(round(float(o) / r)) for o, r in zip(attrs["offset"], res, strict=False))
+        else:
+            offset = (0, 0, 0)
+        meta = VolumeMeta(
+            shape=shape,  # type: ignore[arg-type]
+            dtype=np.dtype(array.dtype),
+            chunks=chunks,  # type: ignore[arg-type]
+            num_channels=channels,
+            voxel_size_nm=tuple(res),  # type: ignore[arg-type]
+            voxel_offset=offset,  # type: ignore[arg-type]
+            layer_type=attrs.get("layer_type", "image"),
+        )
+        return meta, axes
+
+    @classmethod
+    def create(cls, url: VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> ZarrVolume:
+        """Create a (channels, z, y, x) array whose chunks hold all channels of a (z, y, x) chunk."""
+        attrs = {
+            "axes": ["c", *SPATIAL],
+            "resolution_nm": list(meta.voxel_size_nm),
+            "voxel_offset": list(meta.voxel_offset),
+            "offset": [o * r for o, r in zip(meta.voxel_offset, meta.voxel_size_nm, strict=True)],
+            "layer_type": meta.layer_type,
+            **(attributes or {}),
+        }
+        fmt = url.zarr_format or 3
+        kwargs: dict[str, Any] = {}
+        if fmt == 3:
+            kwargs["dimension_names"] = ["c", *SPATIAL]
+        try:
+            array = zarr.create_array(
+                _store(url),
+                shape=(meta.num_channels, *meta.shape),
+                chunks=(meta.num_channels, *meta.chunks),
+                dtype=meta.dtype,
+                fill_value=0,
+                zarr_format=fmt,
+                attributes=attrs,
+                overwrite=True,
+                **kwargs,
+            )
+        except Exception as err:
+            raise StorageError(f"cannot create zarr array {url}: {err}; check that the location is writable") from err
+        return cls(url, array, meta, ["c", *SPATIAL])
+
+    def _index(self, roi: Roi) -> tuple[slice, ...]:
+        spatial = {a: slice(b, e) for a, b, e in zip(SPATIAL, roi.begin, roi.end, strict=True)}
+        return tuple(spatial.get(a, slice(None)) for a in self.axes)
+
+    def _read(self, roi: Roi) -> np.ndarray:
+        data = np.asarray(self.array[self._index(roi)]).transpose(self._to_czyx)
+        return data if "c" in self.axes else data[None]
+
+    def _write(self, roi: Roi, data: np.ndarray) -> None:
+        if "c" not in self.axes:
+            data = data[0]
+        self.array[self._index(roi)] = np.ascontiguousarray(data.transpose(self._from_czyx))
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.array.attrs.get(PROVENANCE_KEY, {}))
+
+    def set_provenance(self, record: dict[str, Any]) -> None:
+        try:
+            self.array.attrs[PROVENANCE_KEY] = record
+        except Exception as err:
+            raise StorageError(f"cannot record provenance on {self.url}: {err}; open it with mode='r+'") from err
