@@ -59,9 +59,7 @@ def parse_volume_url(url: str) -> VolumeURL:
         location = rest
         if not location.startswith(_STORAGE):
             if "://" in location:
-                raise ConfigError(
-                    f"unsupported storage in {text!r}; supported: {', '.join(s[:-3] for s in _STORAGE)}"
-                )
+                raise ConfigError(f"unsupported storage in {text!r}; supported: {', '.join(s[:-3] for s in _STORAGE)}")
             location = "file://" + os.path.abspath(location)
         return VolumeURL(kind, location.rstrip("/"), fmt)
     if sep:

@@ -1,0 +1,138 @@
+"""The block plan: which region each block writes and reads, in daisy's geometry.
+
+Pure functions only. Write blocks tile the total region on a grid anchored at the volume origin whose
+cells are whole output chunks, so each chunk is written by exactly one block and no two workers ever
+touch the same chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from daisy import Block, Roi
+
+from pipeline.errors import GeometryError
+
+Vec3 = tuple[int, int, int]
+
+
+def parse_roi(text: str) -> Roi:
+    """A region from `OFFSET:SHAPE`, each three comma-separated voxel counts in (z, y, x)."""
+    try:
+        offset_text, shape_text = text.split(":")
+        offset = [int(v) for v in offset_text.split(",")]
+        shape = [int(v) for v in shape_text.split(",")]
+    except ValueError as err:
+        raise GeometryError(f"region {text!r} is not OFFSET:SHAPE such as 0,0,0:64,512,512 (z,y,x voxels)") from err
+    if len(offset) != 3 or len(shape) != 3 or any(s <= 0 for s in shape) or any(o < 0 for o in offset):
+        raise GeometryError(
+            f"region {text!r} needs three offsets >= 0 and three sizes > 0 in z,y,x, e.g. 0,0,0:64,512,512"
+        )
+    return Roi(offset, shape)
+
+
+def roi_key(roi: Roi) -> str:
+    """A stable text form of a region, for hashing and messages."""
+    return f"{','.join(map(str, roi.begin))}:{','.join(map(str, roi.shape))}"
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Write blocks on a chunk-aligned grid over `roi`, each read with `context` voxels around it."""
+
+    volume_shape: Vec3
+    roi: Roi
+    block_shape: Vec3
+    chunk_shape: Vec3
+    context: Vec3 = (0, 0, 0)
+
+    @property
+    def grid_begin(self) -> Vec3:
+        """Index of the first grid cell that meets the region."""
+        return tuple(b // s for b, s in zip(self.roi.begin, self.block_shape, strict=True))  # type: ignore[return-value]
+
+    @property
+    def grid_shape(self) -> Vec3:
+        """Number of blocks along (z, y, x)."""
+        return tuple(  # type: ignore[return-value]
+            -(-e // s) - g for e, s, g in zip(self.roi.end, self.block_shape, self.grid_begin, strict=True)
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return int(np.prod(self.grid_shape))
+
+    def block_at(self, index: Iterable[int]) -> Block:
+        """The block of grid cell `index` (relative to the first cell), with a stable integer id."""
+        idx = tuple(index)
+        cell = Roi(
+            [(g + i) * s for g, i, s in zip(self.grid_begin, idx, self.block_shape, strict=True)], self.block_shape
+        )
+        write = cell.intersect(self.roi)
+        read = write.grow(self.context, self.context)
+        block_id = int(np.ravel_multi_index(idx, self.grid_shape))
+        return Block(self.roi.grow(self.context, self.context), read, write, block_id=block_id)
+
+    def index_of(self, block_id: int) -> Vec3:
+        return tuple(int(i) for i in np.unravel_index(block_id, self.grid_shape))  # type: ignore[return-value]
+
+    def blocks(self) -> Iterator[Block]:
+        """Every block, lazily, in grid order (a terabyte plan is never held in memory)."""
+        for index in itertools.product(*(range(n) for n in self.grid_shape)):
+            yield self.block_at(index)
+
+
+def plan_blocks(
+    volume_shape: Iterable[int],
+    chunk_shape: Iterable[int],
+    block_shape: Iterable[int],
+    roi: Roi | None = None,
+    context: Iterable[int] = (0, 0, 0),
+) -> BlockPlan:
+    """Build and validate a plan; refuse block shapes that are not whole chunks or regions outside the volume."""
+    shape = tuple(int(v) for v in volume_shape)
+    chunks = tuple(int(v) for v in chunk_shape)
+    blocks = tuple(int(v) for v in block_shape)
+    whole = Roi((0, 0, 0), shape)
+    roi = whole if roi is None else roi
+    if not whole.contains(roi) or roi.empty:
+        raise GeometryError(
+            f"region {roi_key(roi)} (offset:shape, z,y,x) is outside the volume of shape {shape}; "
+            "choose a region inside it"
+        )
+    if any(b <= 0 or b % c for b, c in zip(blocks, chunks, strict=True)):
+        raise GeometryError(
+            f"block shape {blocks} is not a whole number of output chunks {chunks} on every axis; "
+            f"use multiples such as {tuple(c * max(1, round(b / c)) for b, c in zip(blocks, chunks, strict=True))}"
+        )
+    plan = BlockPlan(shape, roi, blocks, chunks, tuple(int(c) for c in context))  # type: ignore[arg-type]
+    validate_write_rois((b.write_roi for b in plan.blocks()), chunks, shape)
+    return plan
+
+
+def validate_write_rois(write_rois: Iterable[Roi], chunk_shape: Vec3, volume_shape: Vec3) -> int:
+    """Check that no output chunk is written by two regions; return the number of regions.
+
+    A region may cover a chunk partly (at the volume or ROI border), but then it must be that chunk's only
+    writer: concurrent partial writes to one chunk lose data.
+    """
+    grid = tuple(-(-v // c) for v, c in zip(volume_shape, chunk_shape, strict=True))
+    owner = np.full(grid, -1, dtype=np.int64)
+    count = 0
+    for n, roi in enumerate(write_rois):
+        count += 1
+        lo = [b // c for b, c in zip(roi.begin, chunk_shape, strict=True)]
+        hi = [-(-e // c) for e, c in zip(roi.end, chunk_shape, strict=True)]
+        cells = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        taken = owner[cells]
+        if (taken >= 0).any():
+            other = int(taken[taken >= 0].flat[0])
+            raise GeometryError(
+                f"write region {roi_key(roi)} (block {n}) shares output chunks with block {other}; "
+                f"blocks must cover whole chunks of shape {chunk_shape} aligned to the chunk grid"
+            )
+        owner[cells] = n
+    return count
