@@ -51,12 +51,42 @@ def _scale_of(dataset: dict[str, Any]) -> list[float] | None:
     return None
 
 
+def ome_multiscales_attrs(meta: VolumeMeta, factors: list[Any], zarr_format: int) -> dict[str, Any]:
+    """OME-Zarr multiscales metadata (v0.4 for zarr v2, v0.5 for v3) for levels `s0`, `s1`, ….
+
+    `factors[k]` is level k's down-sampling factor against level 0, one number or (z, y, x).
+    Units are nanometres so that Neuroglancer places the volume correctly.
+    """
+    datasets = []
+    for level, factor in enumerate(factors):
+        f = [factor] * 3 if isinstance(factor, int | float) else list(factor)
+        scale = [float(r) * float(k) for r, k in zip(meta.voxel_size_nm, f, strict=True)]
+        shift = [o * r + (s - r) / 2 for o, r, s in zip(meta.voxel_offset, meta.voxel_size_nm, scale, strict=True)]
+        datasets.append(
+            {
+                "path": f"s{level}",
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, *scale]},
+                    {"type": "translation", "translation": [0.0, *shift]},
+                ],
+            }
+        )
+    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space", "unit": "nanometer"} for a in SPATIAL]
+    version = "0.4" if zarr_format == 2 else "0.5"
+    multiscales = [{"version": version, "name": "", "axes": axes, "datasets": datasets}]
+    if zarr_format == 2:
+        return {"multiscales": multiscales}
+    return {"ome": {"version": version, "multiscales": [{k: v for k, v in multiscales[0].items() if k != "version"}]}}
+
+
 class ZarrVolume(Volume):
     """A zarr array seen as (channels, z, y, x), whatever its stored axis order."""
 
-    def __init__(self, url: VolumeURL, array: Any, meta: VolumeMeta, axes: list[str]):
+    def __init__(self, url: VolumeURL, array: Any, meta: VolumeMeta, axes: list[str], node: Any = None):
         super().__init__(url, meta)
         self.array = array
+        self.node = array if node is None else node
+        """The group (OME-Zarr) or array that carries the volume's attributes and provenance."""
         self.axes = axes
         want = ["c", *SPATIAL] if "c" in axes else list(SPATIAL)
         self._to_czyx = [axes.index(a) for a in want]
@@ -71,6 +101,7 @@ class ZarrVolume(Volume):
             raise StorageError(f"no zarr array or group at {url}: check the path") from err
         except Exception as err:
             raise StorageError(f"cannot open {url} as zarr: {err}") from err
+        top = node
         attrs = dict(node.attrs)
         ome_axes = None
         scale_nm: list[float] | None = None
@@ -89,7 +120,7 @@ class ZarrVolume(Volume):
             scale_nm = _scale_of(datasets[scale])
             node = node[datasets[scale]["path"]]
             attrs = {**attrs, **dict(node.attrs)}
-        return cls(url, node, *cls._meta(url, node, attrs, ome_axes, scale_nm))
+        return cls(url, node, *cls._meta(url, node, attrs, ome_axes, scale_nm), node=top)
 
     @staticmethod
     def _meta(
@@ -131,34 +162,32 @@ class ZarrVolume(Volume):
 
     @classmethod
     def create(cls, url: VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> ZarrVolume:
-        """Create a (channels, z, y, x) array whose chunks hold all channels of a (z, y, x) chunk."""
+        """Create an OME-Zarr multiscale group holding scale 0 as a (channels, z, y, x) array `s0`.
+
+        Each chunk holds all channels of a (z, y, x) chunk; pyramid levels are added by the viewing stage.
+        """
+        fmt = url.zarr_format or 3
         attrs = {
-            "axes": ["c", *SPATIAL],
+            **ome_multiscales_attrs(meta, [1], fmt),
             "resolution_nm": list(meta.voxel_size_nm),
             "voxel_offset": list(meta.voxel_offset),
-            "offset": [o * r for o, r in zip(meta.voxel_offset, meta.voxel_size_nm, strict=True)],
             "layer_type": meta.layer_type,
             **(attributes or {}),
         }
-        fmt = url.zarr_format or 3
-        kwargs: dict[str, Any] = {}
-        if fmt == 3:
-            kwargs["dimension_names"] = ["c", *SPATIAL]
+        kwargs: dict[str, Any] = {"dimension_names": ["c", *SPATIAL]} if fmt == 3 else {}
         try:
-            array = zarr.create_array(
-                _store(url),
+            group = zarr.open_group(_store(url), mode="w", zarr_format=fmt, attributes=attrs)
+            array = group.create_array(
+                "s0",
                 shape=(meta.num_channels, *meta.shape),
                 chunks=(meta.num_channels, *meta.chunks),
                 dtype=meta.dtype,
                 fill_value=0,
-                zarr_format=fmt,
-                attributes=attrs,
-                overwrite=True,
                 **kwargs,
             )
         except Exception as err:
-            raise StorageError(f"cannot create zarr array {url}: {err}; check that the location is writable") from err
-        return cls(url, array, meta, ["c", *SPATIAL])
+            raise StorageError(f"cannot create zarr volume {url}: {err}; check that the location is writable") from err
+        return cls(url, array, meta, ["c", *SPATIAL], node=group)
 
     def _index(self, roi: Roi) -> tuple[slice, ...]:
         spatial = {a: slice(b, e) for a, b, e in zip(SPATIAL, roi.begin, roi.end, strict=True)}
@@ -175,10 +204,10 @@ class ZarrVolume(Volume):
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return dict(self.array.attrs.get(PROVENANCE_KEY, {}))
+        return dict(self.node.attrs.get(PROVENANCE_KEY, {}))
 
     def set_provenance(self, record: dict[str, Any]) -> None:
         try:
-            self.array.attrs[PROVENANCE_KEY] = record
+            self.node.attrs[PROVENANCE_KEY] = record
         except Exception as err:
             raise StorageError(f"cannot record provenance on {self.url}: {err}; open it with mode='r+'") from err
