@@ -1,0 +1,68 @@
+"""The `mitoseg` command line: thin commands that parse, load the config, and call the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from pipeline.errors import MitosegError
+
+app = typer.Typer(
+    name="mitoseg",
+    help="Mitochondria segmentation of EM volumes of any size, block by block on Dask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("distributed", "urllib3", "numcodecs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _register() -> None:
+    from pipeline.cli.segment import segment
+
+    app.command("segment")(segment)
+    for module, name in (("train", "train"), ("evaluate", "evaluate"), ("instances", "instances"), ("view", "view")):
+        try:
+            command = getattr(__import__(f"pipeline.cli.{module}", fromlist=[name]), name)
+        except ImportError:
+            continue
+        app.command(name)(command)
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point of the console script: user errors print one clear message and exit with status 2."""
+    try:
+        app(standalone_mode=False)
+    except MitosegError as err:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as stop:
+        sys.exit(stop.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,71 @@
+"""Configuration of `mitoseg segment` (pydantic models only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Vec3 = tuple[int, int, int]
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "lucchi.pt"
+
+
+class SyntheticInput(BaseModel):
+    """A synthetic EM-like volume generated when the input is absent (the offline demo)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: Vec3 = Field((64, 256, 256), description="Volume shape (z, y, x) in voxels.")
+    seed: int = Field(0, description="Random seed; the same seed gives the same volume.")
+    truth: str | None = Field(None, description="Where to write the ground-truth labels (volume URL).")
+    voxel_size_nm: tuple[float, float, float] = Field((5.0, 5.0, 5.0), description="Voxel size (z, y, x) in nm.")
+
+
+class SegmentConfig(BaseModel):
+    """A blockwise segmentation job: which volume, which network, how to split and run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="EM volume URL: zarr://…, precomputed://…, or a local path.")
+    output: list[str] = Field(
+        min_length=1, description="Output volume URL(s); every block is written to each (e.g. zarr and precomputed)."
+    )
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Trained network checkpoint (.pt).")
+    input_scale: int = Field(0, ge=0, description="Scale level to read from an OME-Zarr multiscale input.")
+    roi: str | None = Field(None, description="Region OFFSET:SHAPE in z,y,x voxels; the whole volume when absent.")
+    block_size: Vec3 = Field((64, 256, 256), description="Write block (z, y, x) in voxels; whole output chunks.")
+    chunk_size: Vec3 = Field((32, 128, 128), description="Output chunk (z, y, x) in voxels, for new outputs.")
+    patch_shape: Vec3 | None = Field(None, description="Network input patch (z, y, x); the checkpoint's when absent.")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Fraction by which neighbouring output tiles overlap.")
+    blending: Literal["gaussian", "bump", "constant"] = Field("gaussian", description="Weights across a tile.")
+    output_dtype: Literal["uint8", "float16", "float32"] = Field(
+        "uint8", description="uint8 stores probability x 255; float16/float32 store the probability."
+    )
+    workers: int = Field(1, ge=1, description="Local Dask workers (processes) when no scheduler is given.")
+    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run the network.")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 autocast on GPU, float32 on CPU (bf16 is slow on CPUs)."
+    )
+    gpu_resource: bool = Field(False, description="Ask Dask for one 'GPU' worker resource per block.")
+    resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
+    retries: int = Field(2, ge=0, description="Times a failing block is retried before it is reported.")
+    max_in_flight: int | None = Field(None, ge=1, description="Blocks submitted at once; 2 per worker + 2 if unset.")
+    pyramid: bool = Field(True, description="Add down-sampled scales to the outputs for viewing.")
+    synthetic: SyntheticInput | None = Field(
+        None, description="Generate a synthetic input (and truth) here when the input does not exist."
+    )
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("block_size", "chunk_size")
+    @classmethod
+    def _positive(cls, value: Vec3) -> Vec3:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"every size must be > 0, got {value}")
+        return value

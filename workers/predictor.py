@@ -1,0 +1,91 @@
+"""The network as a per-patch function, set up once per worker: device, precision, fast CPU layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> str:
+    """`cuda` when asked for or available (and not refused), else `cpu`."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        from pipeline.errors import ModelLoadError
+
+        raise ModelLoadError("device 'cuda' was requested but this worker has no CUDA device; use device: auto")
+    return "cpu"
+
+
+def set_torch_threads() -> None:
+    """Use the thread count the cluster assigned to this worker (MITOSEG_TORCH_THREADS), if any."""
+    import torch
+
+    threads = os.environ.get("MITOSEG_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+class Predictor:
+    """Maps an input patch (C, Z, Y, X) to the cropped output probabilities (K, Z', Y', X')."""
+
+    def __init__(self, checkpoint_path: str, device: str = "auto", precision: str = "auto", optimize: bool = True):
+        import torch
+
+        from pipeline.checkpoint import load_checkpoint
+
+        set_torch_threads()
+        self.device = pick_device(device)
+        loaded = load_checkpoint(checkpoint_path, device=self.device)
+        self.checkpoint = loaded
+        self.network = loaded.network.eval()
+        self.context = tuple(int(c) for c in self.network.context)
+        self.out_channels = int(loaded.network_config.out_channels)
+        if precision == "auto":
+            precision = "float16" if self.device == "cuda" else "float32"
+        self.autocast_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision)
+        self.memory_format = torch.contiguous_format
+        if optimize:
+            self._optimize()
+
+    def _optimize(self) -> None:
+        """Fold batch norm into the convolutions and use channels-last 3D (1.5-2x on CPU, see perf notes)."""
+        import torch
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            self.network = fuse(self.network)
+        except Exception as err:  # a network FX cannot trace still runs, only slower
+            log.warning("could not fold batch norm into convolutions (%s); running the network as it is", err)
+        self.network = self.network.to(memory_format=torch.channels_last_3d)
+        self.memory_format = torch.channels_last_3d
+
+    def __call__(self, patch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None].to(self.device)
+            x = x.contiguous(memory_format=self.memory_format)
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device, dtype=self.autocast_dtype):
+                    logits = self.network(x)
+            else:
+                logits = self.network(x)
+            cz, cy, cx = self.context
+            z, y, xx = logits.shape[2:]
+            probs = torch.sigmoid(logits[0, :, cz : z - cz, cy : y - cy, cx : xx - cx].float())
+            return probs.cpu().numpy()
+
+
+def scale_input(raw: np.ndarray) -> np.ndarray:
+    """Raw intensities as float32 in [0, 1] (integers divided by their type's maximum)."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
+    return raw.astype(np.float32)
