@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from daisy import Roi
 
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, ModelLoadError, StorageError
@@ -80,7 +79,8 @@ def check_input(source: Volume) -> None:
     """Refuse inputs the network cannot read."""
     if source.meta.dtype.name not in INPUT_DTYPES:
         raise StorageError(
-            f"input {source.url} holds {source.meta.dtype.name} voxels; supported input types: {', '.join(INPUT_DTYPES)}"
+            f"input {source.url} holds {source.meta.dtype.name} voxels; "
+            f"supported input types: {', '.join(INPUT_DTYPES)}"
         )
     if source.meta.num_channels != 1:
         raise StorageError(f"input {source.url} has {source.meta.num_channels} channels; the network needs one")

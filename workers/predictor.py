@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import numpy as np
 
 log = logging.getLogger(__name__)
