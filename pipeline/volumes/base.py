@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -70,8 +71,26 @@ class Volume(ABC):
             return self._read(roi)
         except StorageError:
             raise
-        except Exception as err:  # backends raise many kinds; name the volume and region
-            raise StorageError(f"cannot read region {roi} of {self.url}: {err}") from err
+        except Exception as err:  # backends raise many kinds; name the volume, region and chunk
+            chunk = self._failing_chunk(roi)
+            where = f" (chunk {chunk}, z,y,x voxels)" if chunk else ""
+            raise StorageError(
+                f"cannot read region {roi} of {self.url}{where}: {err}; the stored data may be damaged: "
+                "rewrite that chunk or exclude it with a region of interest"
+            ) from err
+
+    def _failing_chunk(self, roi: Roi) -> str | None:
+        """The first chunk of `roi` that cannot be read, as `offset:shape` (only on the error path)."""
+        chunks = self.meta.chunks
+        lo = [b // c for b, c in zip(roi.begin, chunks, strict=True)]
+        hi = [-(-e // c) for e, c in zip(roi.end, chunks, strict=True)]
+        for index in itertools.product(*(range(a, b) for a, b in zip(lo, hi, strict=True))):
+            cell = Roi([i * c for i, c in zip(index, chunks, strict=True)], chunks).intersect(self.meta.roi)
+            try:
+                self._read(cell)
+            except Exception:
+                return f"{','.join(map(str, cell.begin))}:{','.join(map(str, cell.shape))}"
+        return None
 
     def write(self, roi: Roi, data: np.ndarray) -> None:
         """Store (channels, z, y, x) `data` at `roi`."""

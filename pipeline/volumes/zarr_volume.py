@@ -142,11 +142,15 @@ class ZarrVolume(Volume):
             res = [scale_nm[i] for i in spatial_idx]
         else:
             res = attrs.get("resolution_nm") or attrs.get("voxel_size") or attrs.get("resolution") or [1, 1, 1]
-        res = [float(r) for r in res]
+        stored = [a for a in axes if a != "c"]  # attributes list spatial axes in stored order
+        if scale_nm is None:
+            res = [float(dict(zip(stored, res, strict=False))[a]) for a in SPATIAL]
         if "voxel_offset" in attrs:
-            offset = as_zyx(attrs["voxel_offset"], f"{url} attribute voxel_offset")
+            by_axis = dict(zip(stored, as_zyx(attrs["voxel_offset"], f"{url} attribute voxel_offset"), strict=True))
+            offset = tuple(by_axis[a] for a in SPATIAL)
         elif "offset" in attrs:
-            offset = tuple(int(round(float(o) / r)) for o, r in zip(attrs["offset"], res, strict=False))
+            by_axis = dict(zip(stored, attrs["offset"], strict=False))
+            offset = tuple(int(round(float(by_axis[a]) / r)) for a, r in zip(SPATIAL, res, strict=True))
         else:
             offset = (0, 0, 0)
         meta = VolumeMeta(

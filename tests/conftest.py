@@ -1,0 +1,47 @@
+"""Shared fixtures: small synthetic volumes and a tiny network checkpoint, all under tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.volumes import VolumeMeta, create_volume
+
+LUCCHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi" / "train.zarr"
+
+
+def em_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Smooth random uint8 texture: cheap, deterministic, with structure a network responds to."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=shape).astype(np.float32)
+    smooth = ndimage.gaussian_filter(noise, 2.0)
+    smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-6)
+    return (smooth * 255).astype(np.uint8)
+
+
+def write_raw(url: str, data: np.ndarray, chunks: tuple[int, int, int] = (16, 32, 32)) -> str:
+    """Write a (z, y, x) uint8 volume at `url` and return the URL."""
+    meta = VolumeMeta(shape=data.shape, dtype=data.dtype, chunks=chunks, voxel_size_nm=(8.0, 4.0, 4.0))
+    create_volume(url, meta).write(meta.roi, data[None])
+    return url
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small randomly initialised network (deterministic), saved as a real checkpoint."""
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config.network import NetworkConfig
+    from pipeline.model import build_network
+
+    torch.manual_seed(0)
+    cfg = NetworkConfig(widths=[4, 8], context=(1, 4, 4), embedding_dim=8)
+    net = build_network(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, network_config=cfg, state_dict=net.state_dict(), patch_shape=(8, 32, 32))
+    return path

@@ -1,0 +1,79 @@
+"""Patch grid, mirror padding and blending: blockwise equals whole-volume, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from daisy import Roi
+
+from pipeline.errors import GeometryError
+from pipeline.stitching import PatchGrid, blend_weights, mirror_indices, predict_region, read_mirrored, to_output_dtype
+
+
+def fake_network(patch: np.ndarray) -> np.ndarray:
+    """A patch function whose output depends on neighbours and on the position inside the patch."""
+    c = patch[:, 1:-1, 4:-4, 4:-4]
+    ramp = np.linspace(0.0, 0.1, c.shape[-1], dtype=np.float32)
+    return np.tanh(3 * c + patch[:, :-2, 4:-4, 3:-5]) * 0.5 + ramp
+
+
+def run(volume: np.ndarray, roi: Roi, grid: PatchGrid) -> np.ndarray:
+    def read(r: Roi) -> np.ndarray:
+        return volume[(slice(None), *(slice(b, e) for b, e in zip(r.begin, r.end, strict=True)))]
+
+    read_roi = grid.read_roi(roi)
+    return predict_region(read_mirrored(read, read_roi, volume.shape[1:]), read_roi, roi, grid, fake_network)
+
+
+def test_mirror_indices_reflect_without_repeating_the_edge() -> None:
+    assert mirror_indices(-3, 8, 5).tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]
+    assert mirror_indices(-2, 2, 1).tolist() == [0, 0, 0, 0]
+
+
+def test_read_roi_covers_every_patch() -> None:
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25)
+    assert grid.output_shape == (6, 24, 24) and grid.stride == (4, 18, 18)
+    write = Roi((10, 40, 40), (8, 16, 16))
+    read = grid.read_roi(write)
+    for tile in grid.tiles(write):
+        assert read.contains(tile.grow(grid.context, grid.context))
+        assert tile.intersects(write)
+
+
+@pytest.mark.parametrize(
+    "sub", [Roi((0, 0, 0), (7, 20, 30)), Roi((5, 13, 17), (9, 30, 21)), Roi((13, 55, 61), (4, 5, 3))]
+)
+def test_sub_region_equals_whole_volume_bit_for_bit(sub: Roi) -> None:
+    volume = np.random.default_rng(0).random((1, 17, 60, 64)).astype(np.float32)
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.5)
+    whole = run(volume, Roi((0, 0, 0), (17, 60, 64)), grid)
+    part = run(volume, sub, grid)
+    assert np.array_equal(whole[(slice(None), *sub.to_slices())], part)
+
+
+def test_blending_is_a_weighted_average() -> None:
+    volume = np.full((1, 10, 40, 40), 0.3, np.float32)
+    grid = PatchGrid.with_overlap((6, 24, 24), (1, 4, 4), 0.5)
+    out = run(volume, Roi((0, 0, 0), (10, 40, 40)), grid)
+    expected = np.tanh(3 * 0.3 + 0.3) * 0.5
+    assert out.min() >= expected - 1e-6 and out.max() <= expected + 0.1 + 1e-6
+
+
+def test_weights_peak_in_the_centre_and_never_vanish() -> None:
+    for kind in ("gaussian", "bump", "constant"):
+        w = blend_weights((6, 16, 16), kind)
+        assert w.min() > 0 and w.max() == pytest.approx(1.0)
+        assert w[3, 8, 8] >= w[0, 0, 0]
+
+
+def test_bad_grids() -> None:
+    with pytest.raises(GeometryError, match="larger than twice the context"):
+        PatchGrid((4, 16, 16), (2, 4, 4), (1, 1, 1))
+    with pytest.raises(GeometryError, match="stride"):
+        PatchGrid((8, 16, 16), (1, 4, 4), (7, 4, 4))
+
+
+def test_output_dtypes() -> None:
+    p = np.array([0.0, 0.5, 1.0, 1.2], np.float32)
+    assert to_output_dtype(p, "uint8").tolist() == [0, 128, 255, 255]
+    assert to_output_dtype(p, "float16").dtype == np.float16
