@@ -1,0 +1,238 @@
+"""Down-sampled scale levels (a pyramid) for a written volume, block by block on Dask.
+
+Images and probabilities are averaged, labels take the most frequent value of each window. Each level
+halves the axes whose voxel size is below twice the finest one (anisotropic EM first becomes isotropic),
+down to a few chunks across. Precomputed layers get new scales in their `info`; OME-Zarr groups get
+arrays `s1`, `s2`, … and their `multiscales` metadata. Every level is written by chunk-aligned blocks, so
+no two workers write the same chunk, and is read back from the level above it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from daisy import Block, Roi
+
+from pipeline.errors import StorageError
+from pipeline.execution import RunResult, run_blockwise
+from pipeline.plan import plan_blocks
+from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
+
+log = logging.getLogger(__name__)
+
+Vec3 = tuple[int, int, int]
+Method = Literal["mean", "mode"]
+DEFAULT_BLOCK_VOXELS: Vec3 = (64, 128, 128)
+"""Approximate (z, y, x) size of a write block of a level; rounded to whole chunks."""
+
+
+@dataclass(frozen=True)
+class Level:
+    """One scale level: its factor against the level above and against level 0, and its shape."""
+
+    index: int
+    factor: Vec3
+    total_factor: Vec3
+    shape: Vec3
+
+
+@dataclass
+class PyramidResult:
+    """Levels written (index 1 up) with the run of each; stops at the first level with failed blocks."""
+
+    url: str
+    levels: list[Level] = field(default_factory=list)
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(run.ok for run in self.runs)
+
+    @property
+    def failed(self) -> int:
+        return sum(run.failed for run in self.runs)
+
+
+def pyramid_levels(
+    shape: Vec3,
+    chunks: Vec3,
+    voxel_size_nm: tuple[float, float, float],
+    min_chunks_across: int = 2,
+    max_levels: int = 8,
+) -> list[Level]:
+    """Levels 1.. for a volume: halve the axes finer than twice the finest voxel size, until every axis
+    spans at most `min_chunks_across` chunks (or `max_levels` levels)."""
+    levels: list[Level] = []
+    size, res, total = list(shape), list(voxel_size_nm), [1, 1, 1]
+    while len(levels) < max_levels and any(-(-s // c) > min_chunks_across for s, c in zip(size, chunks, strict=True)):
+        finest = min(r for r, s in zip(res, size, strict=True) if s > 1)
+        factor = [2 if s > 1 and r < 2 * finest else 1 for s, r in zip(size, res, strict=True)]
+        size = [-(-s // f) for s, f in zip(size, factor, strict=True)]
+        res = [r * f for r, f in zip(res, factor, strict=True)]
+        total = [t * f for t, f in zip(total, factor, strict=True)]
+        levels.append(Level(len(levels) + 1, tuple(factor), tuple(total), tuple(size)))  # type: ignore[arg-type]
+    return levels
+
+
+def _windows(data: np.ndarray, factor: Vec3, fill: Any) -> np.ndarray:
+    """(C, Z, Y, X) data padded with `fill` to whole windows, as (C, Z', Y', X', window voxels)."""
+    pad = [(0, 0)] + [(0, -s % f) for s, f in zip(data.shape[1:], factor, strict=True)]
+    padded = np.pad(data, pad, constant_values=fill)
+    c, (z, y, x), (fz, fy, fx) = data.shape[0], (s // f for s, f in zip(padded.shape[1:], factor, strict=True)), factor
+    grid = padded.reshape(c, z, fz, y, fy, x, fx).transpose(0, 1, 3, 5, 2, 4, 6)
+    return grid.reshape(c, z, y, x, fz * fy * fx)
+
+
+def downsample(data: np.ndarray, factor: Vec3, method: Method) -> np.ndarray:
+    """Down-sample (C, Z, Y, X) `data` by `factor`; windows cut by the border use the voxels they hold.
+
+    `mean` rounds to the nearest integer for integer types; `mode` breaks ties by the first voxel of the
+    window in (z, y, x) order.
+    """
+    if factor == (1, 1, 1):
+        return data.copy()
+    valid = _windows(np.ones((1, *data.shape[1:]), dtype=bool), factor, False)
+    if method == "mean":
+        sums = _windows(data.astype(np.result_type(data.dtype, np.float32)), factor, 0).sum(axis=-1)
+        mean = sums / valid.sum(axis=-1)
+        return (np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean).astype(data.dtype)
+    values = _windows(data, factor, 0)
+    counts = np.zeros(values.shape, dtype=np.int16)
+    for j in range(values.shape[-1]):
+        counts += (values == values[..., j : j + 1]) & valid[..., j : j + 1]
+    counts[~np.broadcast_to(valid, counts.shape)] = -1
+    pick = np.argmax(counts, axis=-1)
+    return np.take_along_axis(values, pick[..., None], axis=-1)[..., 0]
+
+
+def _block_shape(chunks: Vec3, target: Vec3 = DEFAULT_BLOCK_VOXELS) -> Vec3:
+    return tuple(c * max(1, round(t / c)) for c, t in zip(chunks, target, strict=True))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DownsampleBlock:
+    """Per-block task: read the window of level `level - 1` under a block of `level`, reduce it, write it."""
+
+    url: str
+    level: int
+    factor: Vec3
+    method: Method
+
+    def __call__(self, block: Block) -> None:
+        source = open_volume(self.url, scale=self.level - 1)
+        target = open_volume(self.url, mode="r+", scale=self.level)
+        write = block.write_roi
+        read = Roi(
+            [b * f for b, f in zip(write.begin, self.factor, strict=True)],
+            [s * f for s, f in zip(write.shape, self.factor, strict=True)],
+        ).intersect(source.meta.roi)
+        target.write(write, downsample(source.read(read), self.factor, self.method))
+
+
+def _precomputed_scales(info: dict[str, Any], meta: VolumeMeta, levels: list[Level]) -> list[dict[str, Any]]:
+    base = info["scales"][0]
+    scales = [base]
+    for level in levels:
+        fx = level.total_factor[::-1]
+        res = [r * f for r, f in zip(base["resolution"], fx, strict=True)]
+        offset = [o // f for o, f in zip(base.get("voxel_offset", [0, 0, 0]), fx, strict=True)]
+        scale = {
+            **{k: v for k, v in base.items() if k in ("encoding", "compressed_segmentation_block_size")},
+            "key": "_".join(f"{r:g}" for r in res),
+            "resolution": res,
+            "voxel_offset": offset,
+            "size": list(level.shape[::-1]),
+            "chunk_sizes": [list(meta.chunks[::-1])],
+        }
+        scales.append(scale)
+    return scales
+
+
+def _prepare_precomputed(volume: Any, levels: list[Level]) -> None:
+    """Replace the layer's scales above 0 by `levels` in its `info`."""
+    info = dict(volume.cv.info)
+    info["scales"] = _precomputed_scales(info, volume.meta, levels)
+    volume.cv.info = info
+    volume.cv.commit_info()
+
+
+def _prepare_zarr(volume: Any, levels: list[Level]) -> None:
+    """Create arrays s1.. in the OME-Zarr group and rewrite its `multiscales` metadata."""
+    import zarr
+
+    from pipeline.volumes.zarr_volume import ome_multiscales_attrs
+
+    group = volume.node
+    if not isinstance(group, zarr.Group):
+        raise StorageError(
+            f"{volume.url} is a plain zarr array; a pyramid needs an OME-Zarr multiscale group "
+            "(write the output with create_volume, which makes one)"
+        )
+    meta: VolumeMeta = volume.meta
+    base = volume.array
+    fmt = base.metadata.zarr_format
+    for level in levels:
+        kwargs: dict[str, Any] = {"dimension_names": list(volume.axes)} if fmt == 3 else {}
+        shape = {"c": meta.num_channels, **dict(zip(("z", "y", "x"), level.shape, strict=True))}
+        chunks = {"c": meta.num_channels, **dict(zip(("z", "y", "x"), meta.chunks, strict=True))}
+        group.create_array(
+            f"s{level.index}",
+            shape=tuple(shape[a] for a in volume.axes),
+            chunks=tuple(chunks[a] for a in volume.axes),
+            dtype=meta.dtype,
+            fill_value=0,
+            overwrite=True,
+            **kwargs,
+        )
+    ome = ome_multiscales_attrs(meta, [(1, 1, 1)] + [level.total_factor for level in levels], fmt)
+    group.attrs.update(ome)
+
+
+def add_pyramid(
+    client: Any,
+    url: str,
+    *,
+    min_chunks_across: int = 2,
+    max_levels: int = 8,
+    block_shape: Vec3 | None = None,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> PyramidResult:
+    """Add down-sampled levels to the volume at `url` (precomputed layer or OME-Zarr group), on Dask.
+
+    Existing levels above 0 are replaced. Labels (`layer_type` segmentation) are reduced by mode, everything
+    else by mean. `block_shape` (z, y, x voxels of a level) must be whole chunks; by default about
+    64 x 128 x 128. Returns the levels and the run of each; a level with failed blocks ends the pyramid.
+    """
+    volume = open_volume(url, mode="r+")
+    meta = volume.meta
+    parsed = parse_volume_url(url)
+    levels = pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm, min_chunks_across, max_levels)
+    result = PyramidResult(str(parsed))
+    if not levels:
+        log.info("%s is already within %d chunks across; no pyramid needed", url, min_chunks_across)
+        return result
+    if parsed.kind == "precomputed":
+        _prepare_precomputed(volume, levels)
+    else:
+        _prepare_zarr(volume, levels)
+    method: Method = "mode" if meta.layer_type == "segmentation" else "mean"
+    for level in levels:
+        plan = plan_blocks(level.shape, meta.chunks, block_shape or _block_shape(meta.chunks))
+        run = run_blockwise(
+            client,
+            plan,
+            DownsampleBlock(str(parsed), level.index, level.factor, method),
+            max_in_flight=max_in_flight,
+            description=f"pyramid s{level.index}",
+            progress=progress,
+        )
+        result.levels.append(level)
+        result.runs.append(run)
+        if not run.ok:
+            log.error("level s%d of %s: %d block(s) failed; coarser levels not written", level.index, url, run.failed)
+            break
+    return result

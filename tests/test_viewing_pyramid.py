@@ -1,0 +1,118 @@
+"""Pyramids: level geometry by hand, the reductions on tiny arrays, blockwise levels against a whole-array oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.viewing.pyramid import Level, add_pyramid, downsample, pyramid_levels
+from pipeline.volumes import VolumeMeta, create_volume, open_volume
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    from distributed import Client
+
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        yield c
+
+
+def test_levels_anisotropic_stop_at_few_chunks() -> None:
+    assert pyramid_levels((32, 96, 96), (16, 32, 32), (30.0, 8.0, 8.0)) == [
+        Level(1, (1, 2, 2), (1, 2, 2), (32, 48, 48))
+    ]
+
+
+def test_levels_make_anisotropic_data_isotropic_first() -> None:
+    levels = pyramid_levels((64, 1024, 1024), (8, 64, 64), (30.0, 8.0, 8.0), min_chunks_across=1)
+    assert [lv.factor for lv in levels] == [(1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert [lv.shape for lv in levels] == [(64, 512, 512), (32, 256, 256), (16, 128, 128), (8, 64, 64)]
+
+
+def test_levels_isotropic_and_none_needed() -> None:
+    levels = pyramid_levels((100, 100, 100), (10, 10, 10), (4.0, 4.0, 4.0))
+    assert [lv.shape for lv in levels] == [(50, 50, 50), (25, 25, 25), (13, 13, 13)]
+    assert levels[-1].total_factor == (8, 8, 8)
+    assert pyramid_levels((16, 32, 32), (16, 32, 32), (1.0, 1.0, 1.0)) == []
+
+
+def test_mean_uses_only_voxels_inside_the_volume() -> None:
+    data = np.array([1, 3, 5], dtype=np.uint8).reshape(1, 1, 1, 3)
+    assert downsample(data, (1, 1, 2), "mean").ravel().tolist() == [2, 5]
+    floats = np.array([0.0, 0.5, 1.0], dtype=np.float32).reshape(1, 1, 1, 3)
+    assert downsample(floats, (1, 1, 2), "mean").ravel().tolist() == [0.25, 1.0]
+
+
+def test_mode_picks_most_frequent_label_and_ignores_padding() -> None:
+    data = np.array([[7, 7], [3, 9]], dtype=np.uint64).reshape(1, 1, 2, 2)
+    assert downsample(data, (1, 2, 2), "mode").ravel().tolist() == [7]
+    tie = np.array([[4, 2], [2, 4]], dtype=np.uint64).reshape(1, 1, 2, 2)
+    assert downsample(tie, (1, 2, 2), "mode").ravel().tolist() == [4]
+    edge = np.array([5, 5, 0], dtype=np.uint32).reshape(1, 1, 1, 3)
+    assert downsample(edge, (1, 1, 2), "mode").ravel().tolist() == [5, 0]
+
+
+def _oracle_levels(data: np.ndarray, levels: list[Level], method: str) -> list[np.ndarray]:
+    out = [data]
+    for level in levels:
+        out.append(downsample(out[-1], level.factor, method))  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("scheme", "layer_type", "dtype", "channels"),
+    [
+        ("precomputed", "image", np.uint8, 2),
+        ("zarr", "image", np.uint8, 2),
+        ("precomputed", "segmentation", np.uint64, 1),
+        ("zarr", "segmentation", np.uint64, 1),
+    ],
+)
+def test_blockwise_pyramid_equals_whole_volume(
+    client: Any, tmp_path: Any, scheme: str, layer_type: str, dtype: type, channels: int
+) -> None:
+    shape, chunks = (20, 90, 70), (8, 16, 16)  # not divisible by the blocks or by 2
+    rng = np.random.default_rng(1)
+    if layer_type == "image":
+        data = rng.integers(0, 256, size=(channels, *shape)).astype(dtype)
+    else:
+        data = (rng.integers(0, 4, size=(1, *shape)) * 1000 + 2**40).astype(dtype)
+    meta = VolumeMeta(
+        shape=shape,
+        dtype=np.dtype(dtype),
+        chunks=chunks,
+        num_channels=channels,
+        voxel_size_nm=(8.0, 4.0, 4.0),
+        voxel_offset=(2, 4, 6),
+        layer_type=layer_type,  # type: ignore[arg-type]
+    )
+    url = f"{scheme}://file://{tmp_path}/{'v.zarr/' if scheme == 'zarr' else ''}vol"
+    create_volume(url, meta).write(meta.roi, data)
+
+    result = add_pyramid(client, url, min_chunks_across=1, block_shape=(8, 32, 16), progress=False)
+
+    assert result.ok and len(result.levels) >= 2
+    method = "mode" if layer_type == "segmentation" else "mean"
+    expected = _oracle_levels(data, result.levels, method)
+    for level in result.levels:
+        volume = open_volume(url, scale=level.index)
+        assert volume.meta.shape == level.shape
+        assert volume.meta.voxel_size_nm == tuple(
+            r * f for r, f in zip((8.0, 4.0, 4.0), level.total_factor, strict=True)
+        )
+        np.testing.assert_array_equal(volume.read(volume.meta.roi), expected[level.index])
+    again = add_pyramid(client, url, min_chunks_across=1, block_shape=(8, 32, 16), progress=False)
+    assert again.levels == result.levels
+
+
+def test_plain_zarr_array_is_refused(client: Any, tmp_path: Any) -> None:
+    import zarr
+
+    from pipeline.errors import StorageError
+
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(64, 64, 64), chunks=(16, 16, 16), dtype="uint8")
+    with pytest.raises(StorageError, match="OME-Zarr multiscale group"):
+        add_pyramid(client, f"zarr://file://{tmp_path}/plain.zarr", min_chunks_across=1, progress=False)
