@@ -1,0 +1,84 @@
+"""Configuration of the instance stage (pydantic models only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LABEL_DTYPES = ("uint64", "uint32")
+
+
+class DecodeConfig(BaseModel):
+    """How a probability block becomes labelled objects (defaults from the method note)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["auto", "watershed", "components"] = Field(
+        "auto",
+        description="'watershed' needs mask + contour channels, 'components' uses the mask only; "
+        "'auto' picks watershed for 2 channels and components for 1.",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Components: foreground = mask probability > threshold; None = the input's recorded "
+        "threshold, else 0.5.",
+    )
+    seed_threshold: float = Field(0.85, ge=0, le=1, description="Watershed t1: seeds need mask probability > t1.")
+    contour_threshold: float = Field(0.6, ge=0, le=1, description="Watershed t2: seeds need contour probability < t2.")
+    foreground_threshold: float = Field(
+        0.8, ge=0, le=1, description="Watershed t3: foreground = mask probability > t3 (seeds lie inside it)."
+    )
+    min_size: int = Field(128, ge=0, description="Objects smaller than this many voxels (whole object) are removed.")
+    connectivity: Literal[6, 18, 26] = Field(
+        6, description="Voxel neighbourhood for components, seeds and watershed flooding (6, 18 or 26)."
+    )
+
+
+class InstancesConfig(BaseModel):
+    """One instance-segmentation job: probabilities in, a label volume and a table of objects out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(None, description="URL or path of the probability volume written by `segment`.")
+    output: str | None = Field(None, description="URL or path of the label volume to write (zarr or precomputed).")
+    table: str | None = Field(
+        None, description="Path of the per-object table to write: .parquet or .csv; None = no table."
+    )
+    block_size: tuple[int, int, int] | None = Field(
+        None,
+        description="Block (z, y, x) in voxels, a multiple of the input's chunks; None = the chunk multiple "
+        "nearest 64x256x256.",
+    )
+    roi: str | None = Field(None, description="Region OFFSET:SHAPE in voxels (z,y,x each); None = whole volume.")
+    dtype: str = Field("uint64", description="Label type of the output: 'uint64' or 'uint32'.")
+    workers: int = Field(1, ge=1, description="LocalCluster workers when no scheduler is given.")
+    scheduler: str | None = Field(None, description="Address of a running Dask scheduler; None = a LocalCluster.")
+    resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
+    keep_scratch: bool = Field(False, description="Keep the provisional labels and per-block files after success.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding thresholds and method.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _label_dtype(cls, value: str) -> str:
+        if value not in LABEL_DTYPES:
+            raise ValueError(
+                f"labels need an unsigned integer type, one of {', '.join(LABEL_DTYPES)}; {value!r} cannot hold "
+                "instance IDs exactly"
+            )
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _positive_block(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError(f"block_size must be three positive voxel counts (z, y, x), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> InstancesConfig:
+        if self.input is not None and self.input == self.output:
+            raise ValueError("output must differ from input: the labels would overwrite the probabilities")
+        return self

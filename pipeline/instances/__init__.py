@@ -1,0 +1,1 @@
+"""Whole-volume instance segmentation: per-block decoding, matching across block faces, global relabelling."""

@@ -1,0 +1,243 @@
+"""Orchestration of the instance stage on Dask: decode, match, merge on the client, relabel.
+
+Pass 1 decodes every block into provisional IDs (a scratch zarr beside the output) and stores per-object
+statistics; pass 2 finds the provisional IDs that continue across block faces; the client merges them with
+union-find and numbers the final objects 1..N; pass 3 writes the final IDs block by block. Passes 1 and 3
+write whole chunks of their own block only; every pass is resumable through done-records.
+
+What equals decoding the whole region as one block (up to renumbering of IDs):
+- components (mask only): always, for every block size and connectivity;
+- watershed: every object whose foreground component holds a single seed, and every seedless component
+  (removed); where several seeds share one foreground component, each seed still becomes exactly one object
+  and every seed voxel is labelled alike, but the border between such touching objects may move near block
+  borders, since each block floods from its own seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.config.instances import DecodeConfig, InstancesConfig
+from pipeline.errors import ConfigError, GeometryError
+from pipeline.execution import RunResult, run_blockwise
+from pipeline.instances.ids import check_id_space, id_stride
+from pipeline.instances.measure import ObjectStats, object_table, write_table
+from pipeline.instances.relabel import Merged, block_tables, merge_objects
+from pipeline.instances.tasks import BlockFiles, DecodeTask, MatchTask, RelabelTask, StageSpec
+from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
+from pipeline.resume import DoneMarkers, job_key, state_location
+from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK = (64, 256, 256)
+
+
+@dataclass
+class InstancesResult:
+    """What an instance run did: the three blockwise passes, the merge, and the objects found."""
+
+    output: str
+    decode: RunResult
+    """Pass 1; a run that stops early leaves the later passes as None."""
+    match: RunResult | None = None
+    relabel: RunResult | None = None
+    num_objects: int = 0
+    equivalences: int = 0
+    border_ids: int = 0
+    table: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passes(self) -> list[RunResult]:
+        return [r for r in (self.decode, self.match, self.relabel) if r is not None]
+
+    @property
+    def ok(self) -> bool:
+        return self.relabel is not None and all(r.ok for r in self.passes)
+
+    @property
+    def failures(self) -> list[Any]:
+        return [f for r in self.passes for f in r.failures]
+
+
+def resolve_decode(cfg: DecodeConfig, source: Volume) -> DecodeConfig:
+    """Pick the method from the channel count and the threshold from the input's provenance; check the input."""
+    meta = source.meta
+    if meta.layer_type == "segmentation":
+        raise ConfigError(f"input {source.url} is a segmentation layer; instances needs a probability volume")
+    if meta.dtype != np.uint8 and not np.issubdtype(meta.dtype, np.floating):
+        raise ConfigError(
+            f"input {source.url} holds {meta.dtype}; probabilities must be uint8 (probability x 255) or float"
+        )
+    channels = meta.num_channels
+    if channels not in (1, 2):
+        raise ConfigError(f"input {source.url} has {channels} channels; instances needs 1 (mask) or 2 (mask, contour)")
+    method = cfg.method
+    if method == "auto":
+        method = "watershed" if channels == 2 else "components"
+    if method == "watershed" and channels != 2:
+        raise ConfigError(
+            f"decode.method 'watershed' needs mask and contour channels, but {source.url} has {channels}; "
+            "use method 'components' or a two-channel probability volume"
+        )
+    threshold = cfg.threshold
+    if threshold is None and method == "components":
+        threshold = float(source.provenance.get("threshold", 0.5))
+    return cfg.model_copy(update={"method": method, "threshold": threshold})
+
+
+def block_shape_for(config: InstancesConfig, chunks: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The configured block, or the whole-chunk block nearest `DEFAULT_BLOCK`."""
+    if config.block_size is not None:
+        return config.block_size
+    return tuple(c * max(1, round(t / c)) for t, c in zip(DEFAULT_BLOCK, chunks, strict=True))  # type: ignore[return-value]
+
+
+def _open_or_create(url: str, meta: VolumeMeta, reuse: bool) -> tuple[Volume, bool]:
+    """Reuse an existing volume with the same geometry and type when `reuse`, else create it; say if reused."""
+    if reuse:
+        try:
+            existing = open_volume(url, mode="r+")
+        except Exception:  # absent or unreadable: make a new one
+            existing = None
+        if existing is not None:
+            got = existing.meta
+            if (got.shape, got.dtype, got.num_channels) != (meta.shape, meta.dtype, meta.num_channels):
+                raise GeometryError(
+                    f"{url} exists with shape {got.shape}, {got.num_channels} channel(s) of {got.dtype}, but this "
+                    f"job writes shape {meta.shape}, 1 channel of {meta.dtype}; choose another output or run "
+                    "with resume switched off to replace it"
+                )
+            return existing, True
+    return create_volume(url, meta), False
+
+
+def _run_pass(
+    client: Any, plan: BlockPlan, task: Any, done: DoneMarkers, resume: bool, description: str, progress: bool
+) -> RunResult:
+    if not resume:
+        done.clear()
+    return run_blockwise(client, plan, task, done=done, description=description, progress=progress)
+
+
+@dataclass
+class PassFiles:
+    """Everything the decode and match passes stored, in block order."""
+
+    stats: ObjectStats
+    counts: np.ndarray
+    links: np.ndarray
+    touches: np.ndarray
+    contacts: np.ndarray
+
+
+def _load_pass_files(files: BlockFiles, plan: BlockPlan) -> PassFiles:
+    ids = list(range(plan.num_blocks))
+    stats = [ObjectStats.from_arrays(a) for a in files.get_many([f"stats/{b}.npz" for b in ids])]
+    matches = files.get_many([f"match/{b}.npz" for b in ids])
+
+    def stack(name: str, width: int) -> np.ndarray:
+        return np.concatenate([np.zeros((0, width), np.uint64)] + [m[name] for m in matches])
+
+    return PassFiles(
+        ObjectStats.concat(stats),
+        np.array([len(s) for s in stats], dtype=np.int64),
+        stack("links", 2),
+        stack("touches", 2),
+        stack("contacts", 4),
+    )
+
+
+def run_instances(config: InstancesConfig, client: Any, progress: bool = True) -> InstancesResult:
+    """Decode `config.input` into globally consistent instance IDs in `config.output`, with an object table."""
+    if not config.input or not config.output:
+        raise ConfigError("instances needs an input and an output: set them in the job file or pass --input/--output")
+    source = open_volume(config.input)
+    decode = resolve_decode(config.decode, source)
+    meta = source.meta
+    region = parse_roi(config.roi) if config.roi else meta.roi
+    block_shape = block_shape_for(config, meta.chunks)
+    plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region)
+    stride = id_stride(block_shape)
+    check_id_space(plan.num_blocks, stride)
+    output = parse_volume_url(config.output)
+    parts = {"input": str(source.url), "roi": roi_key(region), "block": block_shape, "decode": decode.model_dump()}
+    key = job_key(stage="instances", chunks=meta.chunks, **parts)
+    state = f"{state_location(output.location)}/instances/{key}"
+    label_meta = meta.derive(dtype=np.uint64, num_channels=1, layer_type="segmentation")
+    scratch_url = f"zarr://{state}/provisional"
+    _, scratch_reused = _open_or_create(scratch_url, label_meta, config.resume)
+    resume = config.resume and scratch_reused
+    spec = StageSpec(str(source.url), scratch_url, f"{state}/blocks", region, stride, decode, uuid.uuid4().hex)
+    markers = {
+        name: DoneMarkers(output.location, job_key(job=key, stage=name, output=str(output), dtype=config.dtype))
+        for name in ("decode", "match", "relabel")
+    }
+    log.info("instances: %d blocks of %s voxels, method %s", plan.num_blocks, block_shape, decode.method)
+
+    result = InstancesResult(str(output), RunResult(total=plan.num_blocks))
+    clock = time.perf_counter()
+    result.decode = _run_pass(client, plan, DecodeTask(spec), markers["decode"], resume, "decode", progress)
+    result.seconds["decode"] = time.perf_counter() - clock
+    if not result.decode.ok:
+        return result
+    clock = time.perf_counter()
+    result.match = _run_pass(client, plan, MatchTask(spec), markers["match"], resume, "match", progress)
+    result.seconds["match"] = time.perf_counter() - clock
+    if not result.match.ok:
+        return result
+
+    clock = time.perf_counter()
+    merged = _merge(BlockFiles(spec.files), plan, decode, config.dtype)
+    result.seconds["merge"] = time.perf_counter() - clock
+    result.num_objects, result.equivalences = len(merged.final_ids), merged.equivalences
+    result.border_ids = merged.border_ids
+
+    clock = time.perf_counter()
+    target, reused = _open_or_create(str(output), label_meta.derive(dtype=config.dtype), resume)
+    task = RelabelTask(spec, str(output), config.dtype)
+    result.relabel = _run_pass(client, plan, task, markers["relabel"], resume and reused, "relabel", progress)
+    result.seconds["relabel"] = time.perf_counter() - clock
+    if not result.relabel.ok:
+        return result
+
+    target.set_provenance({"stage": "instances", **parts, "objects": result.num_objects})
+    if config.table:
+        write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), config.table)
+        result.table = config.table
+    if not config.keep_scratch:
+        _remove_state(state, list(markers.values()))
+    return result
+
+
+def _merge(files: BlockFiles, plan: BlockPlan, decode: DecodeConfig, dtype: str) -> Merged:
+    """Union-find on the client, final numbering, and one ID table per block for the relabel pass."""
+    loaded = _load_pass_files(files, plan)
+    merged = merge_objects(loaded.stats, loaded.links, loaded.touches, loaded.contacts, decode.min_size)
+    if len(merged.final_ids) > np.iinfo(np.dtype(dtype)).max:
+        raise ConfigError(f"{len(merged.final_ids)} objects do not fit {dtype} labels; use dtype uint64")
+    tables = block_tables(np.arange(plan.num_blocks), loaded.counts, merged.row_final)
+    for block_id, table in tables.items():
+        files.put(f"map/{block_id}.npz", final=table)
+    return merged
+
+
+def _remove_state(state: str, markers: list[DoneMarkers]) -> None:
+    """Delete the scratch labels, per-block files and done-records of a finished job."""
+    for marker in markers:
+        marker.clear()
+    if state.startswith("file://"):
+        shutil.rmtree(state[len("file://") :], ignore_errors=True)
+        return
+    from cloudfiles import CloudFiles
+
+    files = CloudFiles(state, progress=False)
+    files.delete(list(files.list()))

@@ -1,0 +1,154 @@
+"""The per-block work of the instance stage, run inside Dask workers: decode, match, relabel.
+
+Each task is a small picklable object holding what the block needs (URLs, region, resolved decoding
+settings); volumes are opened once per worker process and cached. Per-block summaries (object statistics,
+face pairs) go to small files beside the output, so that a resumed run finds those of skipped blocks.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from daisy import Block, Roi
+
+from pipeline.config.instances import DecodeConfig
+from pipeline.errors import StorageError
+from pipeline.instances.decode import decode_block, probabilities, seed_mask
+from pipeline.instances.ids import block_base, to_provisional
+from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
+from pipeline.instances.measure import block_stats
+from pipeline.volumes import Volume, open_volume
+
+
+@lru_cache(maxsize=16)
+def cached_volume(url: str, mode: str, run: str) -> Volume:
+    """A volume opened once per worker process and run (`run` keeps a re-created volume from being stale)."""
+    return open_volume(url, mode=mode)
+
+
+class BlockFiles:
+    """Small per-block .npz files under one storage location (any cloud-files URL)."""
+
+    def __init__(self, location: str):
+        self.location = location
+
+    def _files(self) -> Any:
+        from cloudfiles import CloudFiles
+
+        return CloudFiles(self.location, progress=False)
+
+    def put(self, name: str, **arrays: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        try:
+            self._files().put(name, buffer.getvalue(), compress=None, content_type="application/octet-stream")
+        except Exception as err:
+            raise StorageError(f"cannot write {name} at {self.location}: {err}") from err
+
+    def get(self, name: str) -> dict[str, np.ndarray]:
+        return self.get_many([name])[0]
+
+    def get_many(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        """The arrays of each named file, in order; a missing file is an error naming it."""
+        if not names:
+            return []
+        results = {r["path"]: r for r in self._files().get(names)}
+        out = []
+        for name in names:
+            entry = results.get(name)
+            if entry is None or entry.get("error") is not None or entry.get("content") is None:
+                error = entry.get("error") if entry else "missing"
+                raise StorageError(
+                    f"per-block file {name} at {self.location} cannot be read ({error}); run again without resume"
+                )
+            with np.load(io.BytesIO(entry["content"])) as data:
+                out.append({k: data[k] for k in data.files})
+        return out
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What every block task of one job needs."""
+
+    input_url: str
+    scratch_url: str
+    files: str
+    region: Roi
+    stride: int
+    decode: DecodeConfig
+    run: str
+    """A token unique to this run, so that workers reopen volumes that an earlier run re-created."""
+
+    def volume(self, url: str, mode: str = "r") -> Volume:
+        return cached_volume(url, mode, self.run)
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    """Pass 1: decode a block, write its provisional IDs, store its object statistics."""
+
+    spec: StageSpec
+
+    def __call__(self, block: Block) -> int:
+        spec, roi, block_id = self.spec, block.write_roi, block.block_id[1]
+        decoded = decode_block(spec.volume(spec.input_url).read(roi), spec.decode)
+        spec.volume(spec.scratch_url, "r+").write(roi, to_provisional(decoded.labels, block_id, spec.stride)[None])
+        low = [b <= r for b, r in zip(roi.begin, spec.region.begin, strict=True)]
+        high = [e >= r for e, r in zip(roi.end, spec.region.end, strict=True)]
+        stats = block_stats(decoded.labels, decoded.num_labels, decoded.num_seeded, roi.begin, low, high)
+        stats.ids = stats.ids + np.uint64(block_base(block_id, spec.stride))
+        BlockFiles(spec.files).put(f"stats/{block_id}.npz", **stats.to_arrays())
+        return decoded.num_labels
+
+
+@dataclass(frozen=True)
+class MatchTask:
+    """Pass 2: pairs of provisional IDs adjacent across the block's low faces, and face contacts."""
+
+    spec: StageSpec
+
+    def __call__(self, block: Block) -> int:
+        spec, cfg = self.spec, self.spec.decode
+        scratch = spec.volume(spec.scratch_url)
+        links, touches, contacts = [], [], []
+        for face in low_faces(block.write_roi, spec.region):
+            own, other = scratch.read(face.own)[0], scratch.read(face.other)[0]
+            if cfg.method == "watershed":
+                source = spec.volume(spec.input_url)
+                own_seed = seed_mask(probabilities(source.read(face.own)), cfg)
+                other_seed = seed_mask(probabilities(source.read(face.other)), cfg)
+                links.append(adjacent_pairs(face, own, other, cfg.connectivity, own_seed, other_seed))
+                touches.append(adjacent_pairs(face, own, other, cfg.connectivity))
+            else:
+                links.append(adjacent_pairs(face, own, other, cfg.connectivity))
+            contacts.append(face_contacts(face, own, other))
+        BlockFiles(spec.files).put(
+            f"match/{block.block_id[1]}.npz",
+            links=np.concatenate([np.zeros((0, 2), np.uint64), *links]),
+            touches=np.concatenate([np.zeros((0, 2), np.uint64), *touches]),
+            contacts=np.concatenate([np.zeros((0, 4), np.uint64), *contacts]),
+        )
+        return sum(len(x) for x in links + touches)
+
+
+@dataclass(frozen=True)
+class RelabelTask:
+    """Pass 3: map the block's provisional IDs to final IDs and write them into the output."""
+
+    spec: StageSpec
+    output_url: str
+    dtype: str
+
+    def __call__(self, block: Block) -> int:
+        spec, roi, block_id = self.spec, block.write_roi, block.block_id[1]
+        table = BlockFiles(spec.files).get(f"map/{block_id}.npz")["final"]
+        labels = spec.volume(spec.scratch_url).read(roi)[0]
+        base = np.uint64(block_base(block_id, spec.stride))
+        local = np.where(labels == 0, np.uint64(0), labels - base).astype(np.intp)
+        out = table[local].astype(self.dtype)
+        spec.volume(self.output_url, "r+").write(roi, out[None])
+        return int(len(table) - 1)
