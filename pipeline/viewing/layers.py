@@ -1,0 +1,110 @@
+"""The volumes a user asked to view, opened and checked, as Neuroglancer layers (reads metadata only)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from pipeline.errors import StorageError
+from pipeline.viewing.meshes import ZARR_COMPANION
+from pipeline.viewing.state import LayerSpec, neuroglancer_source
+from pipeline.volumes import VolumeMeta, VolumeURL, open_volume, parse_volume_url
+
+MAX_VISIBLE_SEGMENTS = 20
+"""The largest objects of a segmentation are shown (with their meshes) when the page opens."""
+_ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
+
+
+@dataclass(frozen=True)
+class ViewLayer:
+    """An opened volume: what the state needs to show it, and the folder to serve when it is local."""
+
+    name: str
+    url: VolumeURL
+    meta: VolumeMeta
+    zarr_axes: tuple[str, ...] = ()
+    translation_voxels: tuple[int, int, int] = (0, 0, 0)
+    mesh_companion: str | None = None
+    """Path of the precomputed meshes folder of a zarr segmentation, relative to the volume."""
+    segments: tuple[int, ...] = ()
+
+    def spec(self, http_base: str | None = None) -> LayerSpec:
+        """The layer spec, with local volumes at `http_base/<name>` as served by `DataServer`."""
+        served = f"{http_base.rstrip('/')}/{self.name}" if http_base and self.url.is_local else None
+        source = neuroglancer_source(self.url, served)
+        extra = ()
+        if self.mesh_companion:
+            base = served if served else self.url.location
+            extra = (f"precomputed://{base}/{self.mesh_companion}",)
+        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.translation_voxels, extra, self.segments)
+
+
+def _check_local(url: VolumeURL, text: str) -> None:
+    path = url.local_path
+    if not os.path.exists(path):
+        raise StorageError(f"cannot view {text!r}: {path} does not exist; give the path of a mitoseg output volume")
+    if url.kind == "precomputed" and not os.path.isfile(os.path.join(path, "info")):
+        raise StorageError(
+            f"cannot view {text!r}: {path} has no 'info' file, so it is not a precomputed layer; "
+            "give the layer's folder (the one holding 'info')"
+        )
+    if url.kind == "zarr" and not any(os.path.isfile(os.path.join(path, m)) for m in _ZARR_METADATA):
+        raise StorageError(
+            f"cannot view {text!r}: {path} is not a volume: it has neither a precomputed 'info' file nor zarr "
+            f"metadata ({', '.join(_ZARR_METADATA)}); give a precomputed layer, a zarr array or an OME-Zarr group"
+        )
+
+
+def _visible_segments(properties_location: str) -> tuple[tuple[int, ...], bool]:
+    """The largest segments listed in segment properties at `properties_location`, and whether it exists."""
+    from cloudfiles import CloudFiles
+
+    info = CloudFiles(properties_location).get_json("info")
+    if not info:
+        return (), False
+    inline = info.get("inline", {})
+    sizes = next((p["values"] for p in inline.get("properties", []) if p.get("id") == "size"), None)
+    ids = [int(i) for i in inline.get("ids", [])]
+    order = sorted(range(len(ids)), key=lambda k: -sizes[k]) if sizes else range(len(ids))
+    return tuple(ids[k] for k in list(order)[:MAX_VISIBLE_SEGMENTS]), True
+
+
+def _layer_name(url: VolumeURL, taken: set[str]) -> str:
+    tail = [p for p in url.location.split("/") if p][-1]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", re.sub(r"\.(zarr|n5)$", "", tail)) or "volume"
+    unique, n = name, 2
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def open_layers(urls: list[str]) -> list[ViewLayer]:
+    """Open each volume (metadata only) and describe it as a layer; bad input raises StorageError."""
+    layers: list[ViewLayer] = []
+    taken: set[str] = set()
+    for text in urls:
+        url = parse_volume_url(text)
+        if url.is_local:
+            _check_local(url, text)
+        volume = open_volume(url)
+        meta = volume.meta
+        zarr_axes: tuple[str, ...] = ()
+        translation = (0, 0, 0)
+        if url.kind == "zarr":
+            zarr_axes = tuple(volume.axes)  # type: ignore[attr-defined]
+            if volume.node is volume.array:  # type: ignore[attr-defined]  # plain array: no OME translation
+                translation = meta.voxel_offset
+        companion = None
+        segments: tuple[int, ...] = ()
+        if meta.layer_type == "segmentation":
+            if url.kind == "precomputed":
+                props = volume.cv.info.get("segment_properties")  # type: ignore[attr-defined]
+                if props:
+                    segments, _ = _visible_segments(f"{url.location}/{props}")
+            else:
+                segments, found = _visible_segments(f"{url.location}/{ZARR_COMPANION}/segment_properties")
+                companion = ZARR_COMPANION if found else None
+        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, translation, companion, segments))
+    return layers

@@ -1,0 +1,179 @@
+"""`mitoseg view` in a real browser: headless Chromium loads every layer of a demo-like output.
+
+Needs Debian's `chromium` and `chromium-driver` (installed by `.ci/install-chromium`) and the `selenium`
+package; skips with the reason otherwise. The screenshot is saved as `neuroglancer.png` in the test's
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--enable-unsafe-swiftshader",
+    "--window-size=1400,900",
+)
+LAYER_STATE_JS = """
+const viewer = window.viewer;
+if (!viewer) return null;
+return {
+  ready: viewer.isReady(),
+  layers: viewer.layerManager.managedLayers.map(l => ({
+    name: l.name,
+    ready: l.isReady(),
+    sources: l.layer ? l.layer.dataSources.map(ds => ds.loadState === undefined ? 'loading'
+      : (ds.loadState.error ? 'error: ' + ds.loadState.error.message : 'ok')) : ['no layer'],
+  })),
+  segmentStatus: Array.from(document.querySelectorAll('.neuroglancer-segment-list-status')).map(e => e.innerText),
+  statusMessages: Array.from(document.querySelectorAll('.neuroglancer-status')).map(e => e.innerText),
+};
+"""
+
+
+def _executable(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip(f"{' or '.join(names)} not installed: run .ci/install-chromium (Debian chromium and chromium-driver)")
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Any]:
+    chromium = _executable("chromium", "chromium-browser")
+    chromedriver = _executable("chromedriver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service(chromedriver))
+    browser.set_script_timeout(30)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def _demo_outputs(out: Path) -> tuple[list[str], int]:
+    """Raw (precomputed), probabilities (OME-Zarr) and instances (both formats) with pyramids and meshes."""
+    from distributed import Client
+    from scipy import ndimage
+
+    from pipeline.synthetic import generate_volume
+    from pipeline.viewing.meshes import add_meshes
+    from pipeline.viewing.pyramid import add_pyramid
+    from pipeline.volumes import VolumeMeta, create_volume
+
+    raw, mask = generate_volume((32, 128, 128), seed=3)
+    labels, count = ndimage.label(mask)
+    smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
+    probs = np.stack([smooth, np.clip(4 * ndimage.gaussian_gradient_magnitude(smooth, 1.0), 0, 1)])
+    meta = VolumeMeta(shape=raw.shape, dtype=np.dtype(np.uint8), chunks=(16, 64, 64), voxel_size_nm=(5.0, 5.0, 5.0))
+    urls = [
+        f"precomputed://file://{out}/raw",
+        f"zarr://file://{out}/out.zarr/probs",
+        f"precomputed://file://{out}/instances",
+        f"zarr://file://{out}/out.zarr/instances",
+    ]
+    create_volume(urls[0], meta).write(meta.roi, raw[None])
+    create_volume(urls[1], meta.derive(num_channels=2)).write(meta.roi, np.rint(probs * 255).astype(np.uint8))
+    for url in urls[2:]:
+        labels_meta = meta.derive(dtype=np.uint64, layer_type="segmentation")
+        create_volume(url, labels_meta).write(meta.roi, labels[None].astype(np.uint64))
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        for url in urls:
+            assert add_pyramid(client, url, min_chunks_across=1, progress=False).ok
+        for url in urls[2:]:
+            assert add_meshes(client, url, progress=False).ok
+    return urls, int(count)
+
+
+@contextmanager
+def _mitoseg_view(urls: list[str], timeout_s: float = 60) -> Iterator[str]:
+    """Run `mitoseg view` and yield the Neuroglancer URL it prints."""
+    command = [sys.executable, "-c", "from pipeline.cli import main; main()", "view", *urls]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                output.append(lines.get(timeout=1))
+            except queue.Empty:
+                if process.poll() is not None:
+                    break
+                continue
+            match = re.search(r"(http://127\.0\.0\.1:\d+/v/\S+)", output[-1])
+            if match:
+                yield match.group(1)
+                return
+        pytest.fail("mitoseg view printed no Neuroglancer URL:\n" + "".join(output))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _wait_until_loaded(driver: Any, timeout_s: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    state: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        state = driver.execute_script(LAYER_STATE_JS)
+        if state and any("error" in s for layer in state["layers"] for s in layer["sources"]):
+            return state
+        loaded = state and all(layer["ready"] and "loading" not in layer["sources"] for layer in state["layers"])
+        if loaded and state["ready"] and state["segmentStatus"]:
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"Neuroglancer did not finish loading in {timeout_s} s; last state: {state}")
+
+
+def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    urls, objects = _demo_outputs(tmp_path / "demo")
+    with _mitoseg_view(urls) as url:
+        driver.get(url)
+        state = _wait_until_loaded(driver)
+        time.sleep(1)  # let the last frame with all chunks be drawn
+        screenshot = tmp_path / "neuroglancer.png"
+        driver.save_screenshot(str(screenshot))
+        state = driver.execute_script(LAYER_STATE_JS)
+
+    assert [layer["name"] for layer in state["layers"]] == ["raw", "probs", "instances", "instances_2"]
+    errors = [(layer["name"], s) for layer in state["layers"] for s in layer["sources"] if s != "ok"]
+    assert not errors, f"data sources failed to load: {errors}"
+    assert not any("rror" in message for message in state["statusMessages"]), state["statusMessages"]
+    listed = [re.search(r"(\d+) vis/(\d+) total", text) for text in state["segmentStatus"]]
+    assert listed and listed[0] and int(listed[0].group(2)) == objects, state["segmentStatus"]
+    pixels = np.asarray(Image.open(screenshot).convert("L"))
+    panel = pixels[60:380, 20:500]  # the top-left (xy) panel of the 4-panel layout
+    assert panel.std() > 10, f"the xy panel looks empty; see {screenshot}"
