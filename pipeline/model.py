@@ -68,7 +68,7 @@ class ResUNet(nn.Module):
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.config = cfg
-        kz = 1 if cfg.mode == "2d" else 3
+        kz = cfg.kernels_z()
         widths = cfg.widths
         factors = cfg.factors()
         self.register_buffer("input_mean", torch.tensor(float(cfg.input_mean)), persistent=False)
@@ -82,12 +82,12 @@ class ResUNet(nn.Module):
                 fz = factors[level - 1][0]
                 kernel = (3 if fz == 2 else 1, 3, 3)
                 entry = ConvNormAct(widths[level - 1], width, kernel, cfg.norm, stride=factors[level - 1])
-            self.encoders.append(nn.Sequential(entry, ResidualBlock(width, (kz, 3, 3), cfg.norm)))
+            self.encoders.append(nn.Sequential(entry, ResidualBlock(width, (kz[level], 3, 3), cfg.norm)))
         self.up_convs = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for level in range(len(widths) - 2, -1, -1):
             self.up_convs.append(ConvNormAct(widths[level + 1], widths[level], (1, 1, 1), cfg.norm))
-            self.decoders.append(ResidualBlock(widths[level], (kz, 3, 3), cfg.norm))
+            self.decoders.append(ResidualBlock(widths[level], (kz[level], 3, 3), cfg.norm))
         self.factors = factors
         self.head = nn.Conv3d(widths[0], cfg.out_channels, 1)
         self.projection: ProjectionHead | None = (

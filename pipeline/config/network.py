@@ -27,6 +27,9 @@ class NetworkConfig(BaseModel):
     mode: Literal["3d", "2d"] = Field(
         "3d", description="'2d' uses 1x3x3 kernels everywhere (a per-slice network with 3D tensors)."
     )
+    kernel_z: list[int] | None = Field(
+        None, description="z size (1 or 3) of the residual-block kernels per level; default 3 (1 in '2d' mode)."
+    )
     norm: Literal["batch", "group", "instance"] = Field(
         "batch", description="Normalisation layer; 'group' suits very small batches."
     )
@@ -50,6 +53,10 @@ class NetworkConfig(BaseModel):
                 raise ValueError(f"downsample factors must be 1 or 2 per axis, got {factor}")
         if self.mode == "2d" and any(f[0] != 1 for f in self.factors()):
             raise ValueError("a '2d' network cannot down-sample z: use factors (1, 2, 2)")
+        if self.kernel_z is not None and (
+            len(self.kernel_z) != len(self.widths) or any(k not in (1, 3) for k in self.kernel_z)
+        ):
+            raise ValueError(f"kernel_z needs one entry (1 or 3) per level ({len(self.widths)}), got {self.kernel_z}")
         if any(c < 0 for c in self.context):
             raise ValueError(f"context must be non-negative, got {self.context}")
         return self
@@ -59,6 +66,12 @@ class NetworkConfig(BaseModel):
         if self.downsample is None:
             return [(1, 2, 2)] * (len(self.widths) - 1)
         return [tuple(f) for f in self.downsample]  # type: ignore[misc]
+
+    def kernels_z(self) -> list[int]:
+        """z size of the residual-block kernels at each level."""
+        if self.mode == "2d":
+            return [1] * len(self.widths)
+        return list(self.kernel_z) if self.kernel_z is not None else [3] * len(self.widths)
 
     def size_divisor(self) -> tuple[int, int, int]:
         """Factor every input dimension must be divisible by (product of the down-sampling factors)."""

@@ -27,6 +27,15 @@ class Region(BaseModel):
         return self
 
 
+class SyntheticSpec(BaseModel):
+    """Generate a synthetic volume (pipeline.synthetic) at the source's paths when they are absent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: tuple[int, int, int] = Field((64, 256, 256), description="Volume shape (z, y, x) in voxels.")
+    seed: int = Field(0, description="Generator seed; another seed gives another volume.")
+
+
 class VolumeSource(BaseModel):
     """One raw volume with its label volume and the regions used for training and validation."""
 
@@ -36,6 +45,9 @@ class VolumeSource(BaseModel):
     label: str = Field(description="URL or local path of the label volume; any value > 0 is mitochondrion.")
     train: Region | None = Field(default_factory=Region, description="Region trained on; None = not used.")
     validation: Region | None = Field(None, description="Held-out region for validation; None = none.")
+    synthetic: SyntheticSpec | None = Field(
+        None, description="If set and the volumes are absent, generate them (raw/label must be local zarr paths)."
+    )
 
 
 class DataConfig(BaseModel):

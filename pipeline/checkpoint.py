@@ -1,0 +1,155 @@
+"""Checkpoints that rebuild their network: weights, network config, content hash and training metadata.
+
+Everything is stored as tensors, numbers, strings, lists and dicts so `torch.load(weights_only=True)`
+reads it; configs travel as JSON strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from pipeline.config.network import NetworkConfig
+from pipeline.errors import ModelLoadError
+
+FORMAT = "mitoseg-checkpoint"
+VERSION = 1
+_TRAINING_ONLY = ("projection.",)
+
+
+def _inference_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k in state_dict if not k.startswith(_TRAINING_ONLY))
+
+
+def content_hash(network_config: NetworkConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of the network config and the weights inference uses (the projection head is left out)."""
+    digest = hashlib.sha256(network_config.model_dump_json().encode())
+    for key in _inference_keys(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, *, network_config: NetworkConfig, state_dict: dict[str, torch.Tensor],
+                    **extra: Any) -> str:
+    """Write a checkpoint atomically and return its content hash.
+
+    Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `metadata` (JSON-able dict with the
+    training config, step and scores), and for resuming `optimizer`, `scheduler`, `step`, `rng`.
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    digest = content_hash(network_config, state)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": network_config.architecture,
+        "network_config": network_config.model_dump_json(),
+        "state_dict": state,
+        "content_hash": digest,
+    }
+    for key, value in extra.items():
+        payload[key] = json.dumps(value) if key == "metadata" else value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back: the ready network (eval mode) and what inference needs to know."""
+
+    network: torch.nn.Module
+    network_config: NetworkConfig
+    content_hash: str
+    threshold: float
+    patch_shape: tuple[int, int, int]
+    metadata: dict[str, Any]
+    payload: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def read_payload(path: str | Path) -> dict[str, Any]:
+    """The raw stored dict (used by resume); raises ModelLoadError when unreadable."""
+    path = Path(path)
+    hint = "pass a checkpoint written by `mitoseg train` (e.g. models/demo.pt)"
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist: {hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"checkpoint {path} cannot be read (corrupt or not a torch file: {err}); {hint}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelLoadError(f"{path} is not a mitoseg checkpoint (no '{FORMAT}' format tag); {hint}")
+    if payload.get("version") != VERSION:
+        raise ModelLoadError(
+            f"checkpoint {path} has format version {payload.get('version')}, this mitoseg reads {VERSION}; "
+            "retrain or use a matching mitoseg version"
+        )
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the network of a checkpoint in eval mode on `device`, without its projection head."""
+    from pipeline.model import build_network
+
+    path = Path(path)
+    payload = read_payload(path)
+    try:
+        cfg = NetworkConfig.model_validate_json(payload["network_config"])
+    except (KeyError, ValidationError) as err:
+        raise ModelLoadError(f"checkpoint {path} has no valid network config ({err}); retrain it") from err
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"checkpoint {path} holds no weights; retrain it")
+    digest = content_hash(cfg, state)
+    if payload.get("content_hash") != digest:
+        raise ModelLoadError(
+            f"checkpoint {path} is corrupt: its weights hash to {digest[:12]} but it records "
+            f"{str(payload.get('content_hash'))[:12]}; copy it again or retrain"
+        )
+    network = build_network(cfg)
+    network.drop_projection()
+    inference_state = {k: state[k] for k in _inference_keys(state)}
+    try:
+        network.load_state_dict(inference_state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"checkpoint {path} does not match its network config: {err}") from err
+    network.to(device).eval()
+    patch = tuple(int(s) for s in payload.get("patch_shape", (16, 128, 128)))
+    div = cfg.size_divisor()
+    if len(patch) != 3 or any(p % d for p, d in zip(patch, div, strict=True)):
+        raise ModelLoadError(f"checkpoint {path} recommends patch shape {patch}, not divisible by {div}; retrain")
+    try:
+        metadata = json.loads(payload.get("metadata", "{}"))
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"checkpoint {path} has unreadable metadata ({err}); retrain it") from err
+    return LoadedCheckpoint(
+        network=network,
+        network_config=cfg,
+        content_hash=digest,
+        threshold=float(payload.get("threshold", 0.5)),
+        patch_shape=patch,  # type: ignore[arg-type]
+        metadata=metadata,
+        payload=payload,
+    )
+
+
+def export_checkpoint(source: str | Path, target: str | Path) -> str:
+    """Copy a training checkpoint without optimizer state and projection head (small, for shipping)."""
+    payload = read_payload(source)
+    cfg = NetworkConfig.model_validate_json(payload["network_config"])
+    state = {k: v for k, v in payload["state_dict"].items() if not k.startswith(_TRAINING_ONLY)}
+    extra = {k: payload[k] for k in ("threshold", "patch_shape", "step") if k in payload}
+    extra["metadata"] = json.loads(payload.get("metadata", "{}"))
+    return save_checkpoint(target, network_config=cfg, state_dict=state, **extra)

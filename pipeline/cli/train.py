@@ -1,0 +1,29 @@
+"""`mitoseg train`: thin wrapper that loads the config and calls the training loop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="Training YAML file, e.g. configs/lucchi.yaml.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt, same schedule.")] = False,
+    max_iterations: Annotated[
+        int | None, typer.Option("--max-iterations", help="Stop at this step (the schedule stays the config's).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Run folder (overrides output_dir).")] = None,
+) -> None:
+    """Train the segmentation network (one process, or under torchrun with DDP)."""
+    from pipeline.training import load_train_config
+    from pipeline.training.loop import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_train_config(config, output=output)
+    result = run_training(cfg, resume=resume, max_iterations=max_iterations)
+    best = f"{result.best_jaccard:.4f}" if result.best_jaccard is not None else "n/a"
+    typer.echo(f"stopped at step {result.step}; best validation jaccard {best}; "
+               f"best checkpoint {result.best_checkpoint}; last {result.last_checkpoint}")

@@ -1,0 +1,113 @@
+"""Semantic evaluation of a prediction against ground truth, computed chunk by chunk.
+
+The prediction is a probability volume written by `segment` (channel 0 = mitochondrion, uint8 scaled
+by 255 or float in [0, 1]) or a label volume; in the truth any value > 0 is mitochondrion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from daisy import Roi
+
+from pipeline.errors import GeometryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SemanticCounts:
+    """Confusion counts of the foreground class; adds up across chunks."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: SemanticCounts) -> SemanticCounts:
+        return SemanticCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+    @property
+    def jaccard(self) -> float:
+        """Foreground IoU (1 when both masks are empty)."""
+        union = self.tp + self.fp + self.fn
+        return self.tp / union if union else 1.0
+
+    @property
+    def dice(self) -> float:
+        """Dice coefficient (F1) of the foreground (1 when both masks are empty)."""
+        total = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / total if total else 1.0
+
+    @property
+    def background_jaccard(self) -> float:
+        union = self.tn + self.fp + self.fn
+        return self.tn / union if union else 1.0
+
+    @property
+    def miou(self) -> float:
+        """Mean IoU of foreground and background."""
+        return (self.jaccard + self.background_jaccard) / 2
+
+    def scores(self) -> dict[str, float]:
+        return {"jaccard": self.jaccard, "dice": self.dice, "miou": self.miou}
+
+
+def count(prediction: np.ndarray, truth: np.ndarray) -> SemanticCounts:
+    """Counts for two boolean arrays of the same shape."""
+    pred, true = prediction.astype(bool), truth.astype(bool)
+    tp = int(np.count_nonzero(pred & true))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(true)) - tp
+    return SemanticCounts(tp, fp, fn, pred.size - tp - fp - fn)
+
+
+def binarise(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground mask of a prediction chunk: probabilities (uint8 = p x 255, or float) at `threshold`."""
+    if values.dtype == np.uint8:
+        return values >= threshold * 255.0
+    if np.issubdtype(values.dtype, np.floating):
+        return values >= threshold
+    return values > 0  # integer label volume
+
+
+def chunk_rois(shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> Iterator[Roi]:
+    """ROIs of the chunk grid covering a volume (border chunks clipped)."""
+    ranges = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
+    for start in itertools.product(*ranges):
+        size = tuple(min(c, s - o) for o, c, s in zip(start, chunks, shape, strict=True))
+        yield Roi(start, size)
+
+
+def default_threshold(provenance: dict) -> float:
+    """The threshold a prediction's provenance records (from its checkpoint), else 0.5."""
+    value = provenance.get("threshold") if isinstance(provenance, dict) else None
+    return float(value) if isinstance(value, int | float) else 0.5
+
+
+def evaluate_semantic(prediction_url: str, truth_url: str, threshold: float | None = None,
+                      *, chunks: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
+
+    Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5.
+    Returns {"jaccard", "dice", "miou", "threshold"}.
+    """
+    from pipeline.volumes import open_volume
+
+    pred_vol, truth_vol = open_volume(prediction_url), open_volume(truth_url)
+    if tuple(pred_vol.meta.shape) != tuple(truth_vol.meta.shape):
+        raise GeometryError(
+            f"prediction {prediction_url} has shape {tuple(pred_vol.meta.shape)} but truth {truth_url} has "
+            f"{tuple(truth_vol.meta.shape)}: compare volumes of the same shape"
+        )
+    if threshold is None:
+        threshold = default_threshold(pred_vol.provenance)
+    total = SemanticCounts()
+    for roi in chunk_rois(tuple(pred_vol.meta.shape), chunks or tuple(pred_vol.meta.chunks)):
+        pred = binarise(pred_vol.read(roi)[0], threshold)
+        total = total + count(pred, truth_vol.read(roi)[0] > 0)
+    return {**total.scores(), "threshold": float(threshold)}

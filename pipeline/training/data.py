@@ -1,0 +1,130 @@
+"""Training data: regions of raw/label volumes read once into memory, random (augmented) patches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from daisy import Roi
+
+from pipeline.augment import augment
+from pipeline.config.train import AugmentConfig, DataConfig, Region
+from pipeline.errors import ConfigError, GeometryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledRegion:
+    """A raw region (uint8, Z Y X) and its binary label (uint8), with where it came from."""
+
+    raw: np.ndarray
+    label: np.ndarray
+    name: str
+
+
+def _roi(region: Region, shape: tuple[int, int, int], what: str) -> Roi:
+    ranges = [rng if rng is not None else (0, size) for rng, size in zip((region.z, region.y, region.x), shape,
+                                                                         strict=True)]
+    if any(stop > size for (_, stop), size in zip(ranges, shape, strict=True)):
+        raise GeometryError(
+            f"{what} region z,y,x = {ranges} is outside the volume of shape {shape}; give ranges inside it"
+        )
+    return Roi(tuple(r[0] for r in ranges), tuple(r[1] - r[0] for r in ranges))
+
+
+def open_pair(raw_url: str, label_url: str) -> tuple[object, object]:
+    """Open a raw and a label volume and check that they match (before any training step)."""
+    from pipeline.volumes import open_volume
+
+    raw, label = open_volume(raw_url), open_volume(label_url)
+    if tuple(raw.meta.shape) != tuple(label.meta.shape):
+        raise GeometryError(
+            f"label volume {label_url} has shape {tuple(label.meta.shape)} but raw volume {raw_url} has "
+            f"{tuple(raw.meta.shape)}: give a label volume that covers the raw volume voxel for voxel"
+        )
+    if raw.meta.num_channels != 1 or label.meta.num_channels != 1:
+        raise GeometryError(f"{raw_url} and {label_url} must have one channel each")
+    if np.dtype(raw.meta.dtype) != np.uint8:
+        raise ConfigError(f"raw volume {raw_url} holds {raw.meta.dtype}; training expects uint8 EM data")
+    return raw, label
+
+
+def ensure_synthetic(cfg: DataConfig) -> None:
+    """Generate the synthetic volumes a config asks for when their zarr group is missing."""
+    from pipeline.synthetic import generate_volume, write_volume_zarr
+
+    for source in cfg.volumes:
+        if source.synthetic is None:
+            continue
+        raw_path, label_path = Path(source.raw), Path(source.label)
+        if raw_path.parent != label_path.parent or raw_path.parent.suffix != ".zarr":
+            raise ConfigError(
+                f"synthetic volumes need raw and label in one local zarr group (e.g. x.zarr/raw and "
+                f"x.zarr/label), got {source.raw} and {source.label}"
+            )
+        if raw_path.exists() and label_path.exists():
+            continue
+        logger.info("generating synthetic volume %s (seed %d)", raw_path.parent, source.synthetic.seed)
+        raw, label = generate_volume(source.synthetic.shape, source.synthetic.seed)
+        write_volume_zarr(raw_path.parent, raw, label)
+
+
+def load_regions(cfg: DataConfig, which: str) -> list[LabelledRegion]:
+    """Read the `which` ('train' or 'validation') region of every volume into memory."""
+    out = []
+    for index, source in enumerate(cfg.volumes):
+        region = getattr(source, which)
+        if region is None:
+            continue
+        raw_vol, label_vol = open_pair(source.raw, source.label)
+        roi = _roi(region, tuple(raw_vol.meta.shape), f"{which} of volume {index} ({source.raw})")
+        if which == "train" and any(s < p for s, p in zip(roi.shape, cfg.patch_shape, strict=True)):
+            raise ConfigError(
+                f"train region {roi} of {source.raw} is smaller than data.patch_shape {list(cfg.patch_shape)}"
+            )
+        raw = raw_vol.read(roi)[0]
+        label = (label_vol.read(roi)[0] > 0).astype(np.uint8)
+        out.append(LabelledRegion(raw, label, f"{source.raw}[{which}]"))
+        logger.info("%s: %s voxels, %.3f foreground", out[-1].name, raw.shape, label.mean())
+    return out
+
+
+class PatchSampler:
+    """Random training patches with foreground over-sampling and augmentation."""
+
+    def __init__(self, regions: list[LabelledRegion], cfg: DataConfig, augment_cfg: AugmentConfig) -> None:
+        if not regions:
+            raise ConfigError("no training region: give at least one volume with a `train` region")
+        self.regions = regions
+        self.cfg = cfg
+        self.augment_cfg = augment_cfg
+        self.weights = np.array([r.raw.size for r in regions], dtype=np.float64)
+        self.weights /= self.weights.sum()
+        self.foreground = []
+        for region in regions:
+            coords = np.argwhere(region.label[:, ::4, ::4]) * np.array([1, 4, 4])
+            self.foreground.append(coords)
+
+    def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One augmented patch: raw float32 in [0, 1] and label uint8, both of shape data.patch_shape."""
+        index = int(rng.choice(len(self.regions), p=self.weights))
+        region = self.regions[index]
+        shape = np.array(self.cfg.patch_shape)
+        limit = np.array(region.raw.shape) - shape
+        fg = self.foreground[index]
+        if len(fg) and rng.random() < self.cfg.foreground_oversample:
+            centre = fg[int(rng.integers(len(fg)))]
+            start = np.clip(centre - rng.integers(0, shape), 0, limit)
+        else:
+            start = np.array([int(rng.integers(0, m + 1)) for m in limit])
+        box = tuple(slice(int(s), int(s + p)) for s, p in zip(start, shape, strict=True))
+        raw = region.raw[box].astype(np.float32) / 255.0
+        return augment(raw, region.label[box].copy(), self.augment_cfg, rng)
+
+    def batch(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: raw (B, 1, Z, Y, X) float32 and label (B, Z, Y, X) uint8."""
+        pairs = [self.patch(rng) for _ in range(size)]
+        return np.stack([p[0] for p in pairs])[:, None], np.stack([p[1] for p in pairs])

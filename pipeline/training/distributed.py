@@ -1,0 +1,63 @@
+"""Distributed set-up: one process, or torchrun with DDP (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup() -> DistInfo:
+    """Initialise the process group when started by torchrun (WORLD_SIZE > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if info.distributed:
+        dist.barrier()
+
+
+def broadcast_object(value: object, info: DistInfo) -> object:
+    """Rank 0's value on every rank."""
+    if not info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def teardown(info: DistInfo) -> None:
+    """Destroy the process group if this module created one."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
