@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.volumes import VolumeMeta, VolumeURL
 
-NM = 1e-9
+NM_PER_M = 1e9
 OVERLAY_COLORS = ("#00ff00", "#ff00ff", "#00ffff", "#ffff00")
 _CROSS_SECTION_PIXELS = 400
 """Roughly the width in screen pixels of one panel of the 4-panel layout."""
@@ -49,7 +49,7 @@ def neuroglancer_source(url: VolumeURL, http_base: str | None = None) -> str:
 
 def _dimensions(voxel_size_nm: tuple[float, float, float]) -> dict[str, list[Any]]:
     z, y, x = voxel_size_nm
-    return {"x": [x * NM, "m"], "y": [y * NM, "m"], "z": [z * NM, "m"]}
+    return {"x": [x / NM_PER_M, "m"], "y": [y / NM_PER_M, "m"], "z": [z / NM_PER_M, "m"]}
 
 
 def _value_range(dtype: np.dtype) -> list[float]:
@@ -77,7 +77,7 @@ def _source(spec: LayerSpec, channel_name: str) -> dict[str, Any] | str:
     shift = dict(zip(("z", "y", "x"), spec.translation_voxels, strict=True))
 
     def scale(axis: str) -> list[Any]:
-        return [1, ""] if axis == "c" else [size[axis] * NM, "m"]
+        return [1, ""] if axis == "c" else [size[axis] / NM_PER_M, "m"]
 
     outputs = {(channel_name if a == "c" else a): scale(a) for a in spec.zarr_axes}
     transform: dict[str, Any] = {"outputDimensions": outputs}

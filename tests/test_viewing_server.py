@@ -1,0 +1,137 @@
+"""The data server (CORS, gzip chunks, ranges, no escape from its folders) and `mitoseg view` input checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError, StorageError
+from pipeline.viewing.layers import open_layers
+from pipeline.viewing.meshes import segment_properties
+from pipeline.viewing.server import DataServer
+from pipeline.volumes import VolumeMeta, create_volume
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "layer"
+    (root / "8_8_8").mkdir(parents=True)
+    (root / "info").write_text('{"type": "image"}')
+    (root / "8_8_8" / "0-64_0-64_0-64.gz").write_bytes(gzip.compress(b"chunk-bytes"))
+    (tmp_path / "secret").write_text("not served")
+    with DataServer({"layer": str(root)}) as server:
+        yield server.url, root
+
+
+def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), b""
+
+
+def test_serves_files_with_cors(served: tuple[str, Path]) -> None:
+    base, _ = served
+    status, headers, body = _get(f"{base}/layer/info")
+    assert status == 200 and json.loads(body) == {"type": "image"}
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert headers["Content-Type"] == "application/json"
+    status, headers, _ = _get(f"{base}/layer/info", method="OPTIONS")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_gzip_chunks_are_served_under_their_plain_name(served: tuple[str, Path]) -> None:
+    base, _ = served
+    status, headers, body = _get(f"{base}/layer/8_8_8/0-64_0-64_0-64")
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body) == b"chunk-bytes"
+
+
+def test_byte_ranges(served: tuple[str, Path]) -> None:
+    base, _ = served
+    status, headers, body = _get(f"{base}/layer/info", {"Range": "bytes=1-6"})
+    assert (status, body, headers["Content-Range"]) == (206, b'"type"', "bytes 1-6/17")
+    status, _, body = _get(f"{base}/layer/info", {"Range": "bytes=-2"})
+    assert (status, body) == (206, b'"}')
+    assert _get(f"{base}/layer/info", {"Range": "bytes=100-"})[0] == 416
+
+
+@pytest.mark.parametrize(
+    "path", ["/layer/missing", "/other/info", "/layer/../secret", "/layer/%2e%2e/secret", "/layer/"]
+)
+def test_missing_unknown_and_escaping_paths_are_404(served: tuple[str, Path], path: str) -> None:
+    base, _ = served
+    assert _get(base + path)[0] == 404
+
+
+def _volume(url: str, layer_type: str = "image") -> str:
+    meta = VolumeMeta(
+        shape=(8, 16, 16),
+        dtype=np.dtype(np.uint64 if layer_type == "segmentation" else np.uint8),
+        chunks=(8, 16, 16),
+        voxel_size_nm=(8.0, 4.0, 4.0),
+        layer_type=layer_type,  # type: ignore[arg-type]
+    )
+    create_volume(url, meta)
+    return url
+
+
+def test_layers_named_and_companions_found(tmp_path: Path) -> None:
+    from cloudfiles import CloudFiles
+
+    raw = _volume(f"precomputed://file://{tmp_path}/raw")
+    seg = _volume(f"zarr://file://{tmp_path}/out.zarr/raw", "segmentation")
+    CloudFiles(f"file://{tmp_path}/out.zarr/raw/meshes/segment_properties").put_json(
+        "info", segment_properties({3: 10, 4: 50, 9: 1})
+    )
+    layers = open_layers([raw, seg])
+    assert [layer.name for layer in layers] == ["raw", "raw_2"]
+    assert layers[1].mesh_companion == "meshes" and layers[1].segments == (4, 3, 9)
+    assert layers[1].zarr_axes == ("c", "z", "y", "x")
+    spec = layers[1].spec("http://127.0.0.1:1")
+    assert spec.source == "zarr://http://127.0.0.1:1/raw_2"
+    assert spec.extra_sources == ("precomputed://http://127.0.0.1:1/raw_2/meshes",)
+
+
+@pytest.mark.parametrize(
+    ("make", "text", "pattern"),
+    [
+        (None, "nowhere", "does not exist"),
+        ("folder", "folder", "is not a volume: it has neither a precomputed 'info' file nor zarr metadata"),
+        ("folder", "precomputed://folder", "has no 'info' file, so it is not a precomputed layer"),
+        ("group", "group.zarr", "zarr group without OME-Zarr multiscales"),
+    ],
+)
+def test_bad_input_is_named(tmp_path: Path, make: str | None, text: str, pattern: str) -> None:
+    import zarr
+
+    if make == "folder":
+        (tmp_path / "folder").mkdir()
+        (tmp_path / "folder" / "notes.txt").write_text("x")
+    elif make == "group":
+        zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    url = text.replace("folder", str(tmp_path / "folder")) if "://" in text else str(tmp_path / text)
+    with pytest.raises(StorageError, match=pattern):
+        open_layers([url])
+
+
+def test_view_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["view", str(tmp_path / "nowhere")])
+    assert isinstance(result.exception, StorageError)
+    raw = _volume(f"precomputed://file://{tmp_path}/raw")
+    result = runner.invoke(app, ["view", raw, "--state", str(tmp_path / "state.json")])
+    assert isinstance(result.exception, ConfigError) and "are local" in str(result.exception)
