@@ -121,7 +121,9 @@ def _mitoseg_view(urls: list[str], timeout_s: float = 60) -> Iterator[str]:
     command = [sys.executable, "-c", "from pipeline.cli import main; main()", "view", *urls]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    stdout = process.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
     output: list[str] = []
     try:
         deadline = time.monotonic() + timeout_s

@@ -116,3 +116,24 @@ def test_plain_zarr_array_is_refused(client: Any, tmp_path: Any) -> None:
     zarr.create_array(str(tmp_path / "plain.zarr"), shape=(64, 64, 64), chunks=(16, 16, 16), dtype="uint8")
     with pytest.raises(StorageError, match="OME-Zarr multiscale group"):
         add_pyramid(client, f"zarr://file://{tmp_path}/plain.zarr", min_chunks_across=1, progress=False)
+
+
+@pytest.mark.cluster
+def test_pyramid_and_meshes_on_two_worker_processes(tmp_path: Any) -> None:
+    from pipeline.cluster import dask_client
+    from pipeline.viewing.meshes import add_meshes
+
+    shape = (16, 64, 48)
+    labels = np.zeros(shape, dtype=np.uint64)
+    labels[2:14, 10:50, 5:40] = 3
+    meta = VolumeMeta(shape=shape, dtype=np.dtype(np.uint64), chunks=(8, 16, 16), layer_type="segmentation")
+    url = f"zarr://file://{tmp_path}/v.zarr/instances"
+    create_volume(url, meta).write(meta.roi, labels[None])
+    with dask_client(workers=2) as client:
+        pyramid = add_pyramid(client, url, min_chunks_across=1, block_shape=(8, 16, 16), progress=False)
+        meshes = add_meshes(client, url, block_shape=(8, 32, 16), progress=False)
+    assert pyramid.ok and meshes.ok and meshes.sizes == {3: int((labels == 3).sum())}
+    expected = _oracle_levels(labels[None], pyramid.levels, "mode")
+    for level in pyramid.levels:
+        volume = open_volume(url, scale=level.index)
+        np.testing.assert_array_equal(volume.read(volume.meta.roi), expected[level.index])
