@@ -121,9 +121,12 @@ def _mitoseg_view(urls: list[str], timeout_s: float = 60) -> Iterator[str]:
     command = [sys.executable, "-c", "from pipeline.cli import main; main()", "view", *urls]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    stdout = process.stdout
-    assert stdout is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+
+    def pump() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     output: list[str] = []
     try:
         deadline = time.monotonic() + timeout_s

@@ -76,6 +76,7 @@ def test_blockwise_pyramid_equals_whole_volume(
 ) -> None:
     shape, chunks = (20, 90, 70), (8, 16, 16)  # not divisible by the blocks or by 2
     rng = np.random.default_rng(1)
+    data: np.ndarray
     if layer_type == "image":
         data = rng.integers(0, 256, size=(channels, *shape)).astype(dtype)
     else:

@@ -10,6 +10,8 @@ from pipeline.errors import StorageError
 from pipeline.viewing.meshes import ZARR_COMPANION
 from pipeline.viewing.state import LayerSpec, neuroglancer_source
 from pipeline.volumes import VolumeMeta, VolumeURL, open_volume, parse_volume_url
+from pipeline.volumes.precomputed_volume import PrecomputedVolume
+from pipeline.volumes.zarr_volume import ZarrVolume
 
 MAX_VISIBLE_SEGMENTS = 20
 """The largest objects of a segmentation are shown (with their meshes) when the page opens."""
@@ -33,7 +35,7 @@ class ViewLayer:
         """The layer spec, with local volumes at `http_base/<name>` as served by `DataServer`."""
         served = f"{http_base.rstrip('/')}/{self.name}" if http_base and self.url.is_local else None
         source = neuroglancer_source(self.url, served)
-        extra = ()
+        extra: tuple[str, ...] = ()
         if self.mesh_companion:
             base = served if served else self.url.location
             extra = (f"precomputed://{base}/{self.mesh_companion}",)
@@ -92,15 +94,15 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
         meta = volume.meta
         zarr_axes: tuple[str, ...] = ()
         translation = (0, 0, 0)
-        if url.kind == "zarr":
-            zarr_axes = tuple(volume.axes)  # type: ignore[attr-defined]
-            if volume.node is volume.array:  # type: ignore[attr-defined]  # plain array: no OME translation
+        if isinstance(volume, ZarrVolume):
+            zarr_axes = tuple(volume.axes)
+            if volume.node is volume.array:  # a plain array: its offset is not in OME metadata
                 translation = meta.voxel_offset
         companion = None
         segments: tuple[int, ...] = ()
         if meta.layer_type == "segmentation":
-            if url.kind == "precomputed":
-                props = volume.cv.info.get("segment_properties")  # type: ignore[attr-defined]
+            if isinstance(volume, PrecomputedVolume):
+                props = volume.cv.info.get("segment_properties")
                 if props:
                     segments, _ = _visible_segments(f"{url.location}/{props}")
             else:

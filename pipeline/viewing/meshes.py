@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.plan import plan_blocks
 from pipeline.volumes import Volume, open_volume, parse_volume_url
+from pipeline.volumes.precomputed_volume import PrecomputedVolume
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def add_meshes(
     )
     CloudFiles(properties_dir).put_json("info", segment_properties(result.sizes))
     result.objects = len(fragments)
-    if volume.url.kind == "precomputed":
+    if isinstance(volume, PrecomputedVolume):
         info = dict(volume.cv.info)
         info.update(mesh="mesh", segment_properties="segment_properties")
         volume.cv.info = info

@@ -95,13 +95,12 @@ def build_state(layers: list[LayerSpec], layout: str = "4panel") -> dict[str, An
         raise ValueError("build_state needs at least one layer")
     first = layers[0].meta
     centre_zyx = [o + s / 2 for o, s in zip(first.voxel_offset, first.shape, strict=True)]
+    extent_nm = max(s * r for s, r in zip(first.shape, first.voxel_size_nm, strict=True))
     state: dict[str, Any] = {
         "dimensions": _dimensions(first.voxel_size_nm),
         "position": centre_zyx[::-1],
         "crossSectionScale": max(first.shape[1:]) / _CROSS_SECTION_PIXELS,
-        "projectionScale": 2.0
-        * max(s * r for s, r in zip(first.shape, first.voxel_size_nm, strict=True))
-        / first.voxel_size_nm[2],
+        "projectionScale": 2.0 * extent_nm / first.voxel_size_nm[2],
         "layers": [],
         "layout": layout,
     }
