@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -57,15 +58,25 @@ class Predictor:
             self._optimize()
 
     def _optimize(self) -> None:
-        """Fold batch norm into the convolutions and use channels-last 3D (1.5-2x on CPU, see perf notes)."""
-        import torch
-        from torch.fx.experimental.optimization import fuse
+        """Fold batch norm into the convolutions and use channels-last 3D (1.5-2x on CPU, see perf notes).
 
-        try:
-            self.network = fuse(self.network)
-        except Exception as err:  # a network FX cannot trace still runs, only slower
-            log.warning("could not fold batch norm into convolutions (%s); running the network as it is", err)
-        self.network = self.network.to(memory_format=torch.channels_last_3d)
+        The folded network is checked against the original on a random patch and dropped if they differ.
+        """
+        import copy
+
+        import torch
+
+        fast = fold_batch_norm(copy.deepcopy(self.network)).to(memory_format=torch.channels_last_3d)
+        probe = torch.rand((1, self.network.config.in_channels, *self.network.size_divisor), device=self.device)
+        probe = torch.nn.functional.interpolate(probe, scale_factor=2)
+        with torch.inference_mode():
+            same = torch.allclose(
+                fast(probe.contiguous(memory_format=torch.channels_last_3d)), self.network(probe), atol=1e-4, rtol=1e-3
+            )
+        if not same:
+            log.warning("folding batch norm changed the network's output; running it unfolded")
+            return
+        self.network = fast
         self.memory_format = torch.channels_last_3d
 
     def __call__(self, patch: np.ndarray) -> np.ndarray:
@@ -90,3 +101,20 @@ def scale_input(raw: np.ndarray) -> np.ndarray:
     if np.issubdtype(raw.dtype, np.integer):
         return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
     return raw.astype(np.float32)
+
+
+def fold_batch_norm(network: Any) -> Any:
+    """Fold each eval-mode BatchNorm3d into the Conv3d registered just before it in the same parent module.
+
+    In this project's networks such a pair is always applied in sequence; the caller verifies the result.
+    """
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent in list(network.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:], strict=False):
+            if isinstance(conv, torch.nn.Conv3d) and isinstance(norm, torch.nn.BatchNorm3d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(parent, norm_name, torch.nn.Identity())
+    return network

@@ -75,7 +75,7 @@ class Volume(ABC):
             chunk = self._failing_chunk(roi)
             where = f" (chunk {chunk}, z,y,x voxels)" if chunk else ""
             raise StorageError(
-                f"cannot read region {roi} of {self.url}{where}: {err}; the stored data may be damaged: "
+                f"cannot read region {roi} of {self.url}{where}: {type(err).__name__}: {err}; the stored data may be damaged: "
                 "rewrite that chunk or exclude it with a region of interest"
             ) from err
 
@@ -105,7 +105,7 @@ class Volume(ABC):
         except StorageError:
             raise
         except Exception as err:
-            raise StorageError(f"cannot write region {roi} of {self.url}: {err}") from err
+            raise StorageError(f"cannot write region {roi} of {self.url}: {type(err).__name__}: {err}") from err
 
     @property
     @abstractmethod

@@ -17,10 +17,11 @@ PROVENANCE_METHOD = "mitoseg"
 def _cloudvolume(location: str, mip: int, **kwargs: Any) -> Any:
     from cloudvolume import CloudVolume
 
+    # fill_missing: chunks never written read as zeros, as in zarr.
     # parallel=1: cloud-volume 12.15 with parallel>1 was seen to write chunks into the wrong place
     # (see the notes on peers); parallelism comes from the Dask workers instead.
     return CloudVolume(
-        location, mip=mip, bounded=True, fill_missing=False, progress=False, parallel=1, cache=False, **kwargs
+        location, mip=mip, bounded=True, fill_missing=True, progress=False, parallel=1, cache=False, **kwargs
     )
 
 

@@ -1,0 +1,182 @@
+"""The segment pipeline end to end on a real LocalCluster: seam-free, resumable, failure-tolerant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import em_like, write_raw
+from daisy import Roi
+
+from pipeline.config.segment import SegmentConfig
+from pipeline.errors import ConfigError, GeometryError, ModelLoadError, StorageError
+from pipeline.segment import segment
+from pipeline.volumes import open_volume
+from workers.plugin import ModelPlugin
+
+pytestmark = pytest.mark.cluster
+SHAPE = (24, 80, 72)  # not a multiple of any block size used below
+
+
+@pytest.fixture(scope="module")
+def clients():
+    """One single-worker and one two-worker LocalCluster, shared by the module's tests."""
+    from pipeline.cluster import dask_client
+
+    with dask_client(workers=1) as one, dask_client(workers=2) as two:
+        yield {1: one, 2: two}
+
+
+@pytest.fixture(scope="module")
+def raw_url(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("raw")
+    return write_raw(f"zarr://file://{path}/em.zarr/raw", em_like(SHAPE))
+
+
+def config(raw_url: str, out: str, ckpt: Path, **kw) -> SegmentConfig:
+    defaults = dict(input=raw_url, output=[out], checkpoint=ckpt, chunk_size=(8, 16, 16), pyramid=False)
+    return SegmentConfig(**{**defaults, **kw})
+
+
+def read_all(url: str) -> np.ndarray:
+    vol = open_volume(url)
+    return vol.read(vol.meta.roi)
+
+
+@pytest.fixture(scope="module")
+def reference(clients, raw_url, tiny_checkpoint, tmp_path_factory) -> np.ndarray:
+    """A one-block run of the whole volume."""
+    out = f"zarr://file://{tmp_path_factory.mktemp('ref')}/p.zarr/probs"
+    result = segment(config(raw_url, out, tiny_checkpoint, block_size=(32, 96, 96)), client=clients[1], progress=False)
+    assert result.run.total == 1 and result.run.ok
+    return read_all(out)
+
+
+@pytest.mark.parametrize(
+    ("block", "workers"), [((8, 16, 16), 1), ((8, 32, 48), 2), ((16, 48, 32), 2), ((8, 16, 16), 2)]
+)
+def test_blockwise_equals_one_block(clients, raw_url, tiny_checkpoint, reference, tmp_path, block, workers) -> None:
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    result = segment(config(raw_url, out, tiny_checkpoint, block_size=block), client=clients[workers], progress=False)
+    assert result.run.ok and result.run.completed == result.run.total > 1
+    got = read_all(out)
+    assert got.shape == reference.shape == (1, *SHAPE) and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - reference.astype(int))
+    # Documented guarantee: identical patches everywhere; float kernels may round differently with another
+    # thread count, which moves a uint8 value by at most one step.
+    assert diff.max() <= 1
+    assert (diff == 0).mean() > 0.999
+
+
+def test_sub_roi_rerun_matches_and_precomputed_output(clients, raw_url, tiny_checkpoint, reference, tmp_path) -> None:
+    zarr_out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    pre_out = f"precomputed://file://{tmp_path}/probs"
+    cfg = config(raw_url, zarr_out, tiny_checkpoint, output=[zarr_out, pre_out], roi="3,10,20:13,50,40")
+    cfg = cfg.model_copy(update={"block_size": (8, 32, 32)})
+    assert segment(cfg, client=clients[2], progress=False).run.ok
+    for url in (zarr_out, pre_out):
+        got = read_all(url)[:, 3:16, 10:60, 20:60]
+        assert np.abs(got.astype(int) - reference[:, 3:16, 10:60, 20:60].astype(int)).max() <= 1
+    pre = open_volume(pre_out)
+    assert pre.meta.voxel_size_nm == (8.0, 4.0, 4.0) and pre.provenance["checkpoint_hash"]
+
+
+def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    cfg = config(raw_url, out, tiny_checkpoint, block_size=(8, 32, 32))
+    first = segment(cfg, client=clients[1], progress=False).run
+    assert first.completed == first.total and first.skipped == 0
+    again = segment(cfg, client=clients[1], progress=False).run
+    assert again.completed == 0 and again.skipped == first.total
+    changed = segment(cfg.model_copy(update={"overlap": 0.5}), client=clients[1], progress=False).run
+    assert changed.completed == first.total  # a different plan never reuses stale marks
+    fresh = segment(cfg.model_copy(update={"resume": False}), client=clients[1], progress=False).run
+    assert fresh.completed == first.total
+
+
+class FailOncePlugin(ModelPlugin):
+    """The first patch any worker predicts raises once (a transient fault), then all goes well."""
+
+    def __init__(self, *args, flag: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flag = flag
+
+    def setup(self, worker) -> None:
+        super().setup(worker)
+        real, flag = self.predictor, self.flag
+
+        class FailOnce:
+            def __call__(self, patch):
+                if not flag.exists():
+                    flag.touch()
+                    raise RuntimeError("injected transient failure")
+                return real(patch)
+
+        self.predictor = FailOnce()
+
+
+def test_block_failing_once_is_retried(clients, raw_url, tiny_checkpoint, reference, tmp_path) -> None:
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    plugin = FailOncePlugin(tiny_checkpoint, flag=tmp_path / "failed")
+    run = segment(
+        config(raw_url, out, tiny_checkpoint, block_size=(8, 32, 32)), client=clients[2], plugin=plugin, progress=False
+    ).run
+    assert (tmp_path / "failed").exists() and run.ok and run.completed == run.total
+    assert np.abs(read_all(out).astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_block_that_always_fails_is_reported_and_others_written(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
+    from pipeline.segment import prepare
+
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    cfg = config(raw_url, out, tiny_checkpoint, block_size=(8, 32, 32), retries=1)
+    prepare(cfg)
+    (tmp_path / "p.zarr/probs/s0/c/0/2/4/4").mkdir(parents=True)  # the chunk of the last block cannot be written
+    run = segment(cfg, client=clients[2], progress=False).run
+    assert run.failed == 1 and run.completed == run.total - 1
+    assert run.failures[0].write_roi == "16,64,64:8,16,8" and "cannot write region" in run.failures[0].error
+    got = read_all(out)
+    assert (got[:, :16] > 0).all() and (got[:, 16:, :64] > 0).all()  # every other block was written
+    again = segment(cfg, client=clients[2], progress=False).run
+    assert again.skipped == run.total - 1 and again.failed == 1 and again.completed == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        ({"input": "zarr://file:///nonexistent/em.zarr/raw"}, StorageError, "no zarr array"),
+        ({"roi": "20,0,0:10,10,10"}, GeometryError, "outside the volume"),
+        ({"checkpoint": Path("/nonexistent.pt")}, ModelLoadError, "does not exist"),
+        ({"block_size": (8, 20, 16)}, GeometryError, "whole number of output chunks"),
+        ({"patch_shape": (8, 31, 32)}, ConfigError, "divisible"),
+    ],
+)
+def test_bad_jobs_fail_before_any_work(raw_url, tiny_checkpoint, tmp_path, change, error, pattern) -> None:
+    from pipeline.segment import prepare
+
+    cfg = config(raw_url, f"zarr://file://{tmp_path}/p.zarr/probs", tiny_checkpoint).model_copy(update=change)
+    with pytest.raises(error, match=pattern):
+        prepare(cfg)
+
+
+def test_unsupported_dtype_and_existing_mismatched_output(tiny_checkpoint, tmp_path, raw_url) -> None:
+    from pipeline.segment import prepare
+
+    raw = write_raw(f"zarr://file://{tmp_path}/i.zarr/raw", np.zeros(SHAPE, np.int64))
+    with pytest.raises(StorageError, match="int64"):
+        prepare(config(raw, f"zarr://file://{tmp_path}/p.zarr/a", tiny_checkpoint))
+    out = f"zarr://file://{tmp_path}/p.zarr/b"
+    prepare(config(raw_url, out, tiny_checkpoint))
+    with pytest.raises(StorageError, match="exists with shape"):
+        prepare(config(raw_url, out, tiny_checkpoint, output_dtype="float32"))
+
+
+def test_roi_region_is_the_only_thing_written(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    segment(config(raw_url, out, tiny_checkpoint, roi="8,16,16:8,16,16"), client=clients[1], progress=False)
+    got = read_all(out)
+    inside = Roi((8, 16, 16), (8, 16, 16))
+    mask = np.zeros(SHAPE, bool)
+    mask[inside.to_slices()] = True
+    assert (got[0][~mask] == 0).all() and (got[0][mask] > 0).any()
