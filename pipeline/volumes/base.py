@@ -75,8 +75,8 @@ class Volume(ABC):
             chunk = self._failing_chunk(roi)
             where = f" (chunk {chunk}, z,y,x voxels)" if chunk else ""
             raise StorageError(
-                f"cannot read region {roi} of {self.url}{where}: {type(err).__name__}: {err}; the stored data may be damaged: "
-                "rewrite that chunk or exclude it with a region of interest"
+                f"cannot read region {roi} of {self.url}{where}: {type(err).__name__}: {err}; "
+                "the stored data may be damaged: rewrite that chunk or exclude it with a region of interest"
             ) from err
 
     def _failing_chunk(self, roi: Roi) -> str | None:
