@@ -1,0 +1,313 @@
+"""Blockwise instances equal whole-volume decoding up to renumbering; measurements and resume hold too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pipeline.config.instances import InstancesConfig
+from pipeline.instances.decode import SKIMAGE_CONNECTIVITY
+from pipeline.instances.measure import measure_labels
+from pipeline.instances.run import run_instances
+from pipeline.synthetic import generate_volume
+from pipeline.volumes import VolumeMeta, create_volume, open_volume
+
+SHAPE = (16, 28, 30)  # not a multiple of any block below
+CHUNKS = (4, 4, 4)
+BLOCKS = [(8, 8, 8), (4, 12, 16), (12, 16, 8)]
+WHOLE = (16, 28, 32)  # one block over the whole volume: the reference decoding
+VOXEL_NM = (8.0, 4.0, 4.0)
+
+
+def noise_mask(shape: tuple[int, int, int], seed: int, sigma: float = 1.5) -> np.ndarray:
+    """Smooth random field in [0, 1]: thresholded, a labyrinth of blobs crossing block faces, edges and corners."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    return (field - field.min()) / np.ptp(field)
+
+
+def generator_probabilities(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(2, z, y, x) mask and contour probabilities from the project's synthetic mitochondria."""
+    _, label = generate_volume(shape, seed, mito_fraction=0.15)
+    mask = ndimage.gaussian_filter(label.astype(np.float32), 1.0)
+    contour = ndimage.gaussian_gradient_magnitude(mask, 1.0)
+    return np.stack([mask / max(mask.max(), 1e-6), contour / max(contour.max(), 1e-6)])
+
+
+def write_probs(url: str, probs: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0), **provenance: float) -> str:
+    """Store (c, z, y, x) probabilities as uint8 (probability x 255), as `segment` does."""
+    meta = VolumeMeta(
+        shape=probs.shape[1:],
+        dtype=np.dtype(np.uint8),
+        chunks=CHUNKS,
+        num_channels=probs.shape[0],
+        voxel_size_nm=VOXEL_NM,
+        voxel_offset=offset,
+    )
+    volume = create_volume(url, meta)
+    volume.write(meta.roi, np.round(probs * 255).astype(np.uint8))
+    if provenance:
+        volume.set_provenance(dict(provenance))
+    return url
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label arrays describe the same objects (a one-to-one map between their IDs)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]], axis=1), axis=0)
+    return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, Client(cluster) as c:
+        yield c
+
+
+def run(client, tmp: Path, source: str, block, name: str | None = None, **settings):
+    """Run the stage and return (labels, result)."""
+    output = str(tmp / f"{name or 'seg_' + '_'.join(map(str, block))}.zarr")
+    decode = settings.pop("decode", {})
+    cfg = InstancesConfig(input=source, output=output, block_size=block, decode=decode, **settings)
+    result = run_instances(cfg, client, progress=False)
+    assert result.ok, result.failures
+    volume = open_volume(output)
+    return volume.read(volume.meta.roi)[0], result
+
+
+def uint8_probs(probs: np.ndarray) -> np.ndarray:
+    """The probabilities the stage sees after uint8 storage."""
+    return np.round(probs * 255).astype(np.uint8).astype(np.float32) / np.float32(255)
+
+
+def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    ids, counts = np.unique(labels, return_counts=True)
+    small = ids[(counts < min_size) & (ids != 0)]
+    return np.where(np.isin(labels, small), 0, labels)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_components_equal_whole_volume_for_every_block_size(client, tmp_path, connectivity):
+    mask = noise_mask(SHAPE, seed=1)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    decode = {"connectivity": connectivity, "min_size": 4}
+    whole, _ = run(client, tmp_path, source, WHOLE, name="whole", decode=decode)
+    oracle = remove_small(cc3d.connected_components(uint8_probs(mask[None])[0] > 0.5, connectivity=connectivity), 4)
+    assert same_up_to_renumbering(whole, oracle)
+    assert np.array_equal(np.unique(whole), np.arange(len(np.unique(oracle))))  # consecutive IDs 1..N
+    for block in BLOCKS:
+        labels, result = run(client, tmp_path, source, block, decode=decode)
+        assert same_up_to_renumbering(labels, whole), block
+        assert result.equivalences > 0
+
+
+def test_objects_cross_block_corners_and_span_many_blocks(client, tmp_path):
+    """The data of the equality tests has the hard cases: corners and objects over more than two blocks."""
+    mask = noise_mask(SHAPE, seed=1)
+    labels = cc3d.connected_components(mask > 0.5, connectivity=6)
+    block = np.array(BLOCKS[0])
+    spans = []
+    for obj in ndimage.find_objects(labels):
+        lo = np.array([s.start for s in obj]) // block
+        hi = (np.array([s.stop for s in obj]) - 1) // block
+        spans.append(int(np.prod(hi - lo + 1)))
+    assert max(spans) > 2
+    corners = [  # the 2x2x2 voxels around every inner block corner, one voxel in each of 8 blocks
+        labels[z - 1 : z + 1, y - 1 : y + 1, x - 1 : x + 1].ravel()
+        for z in range(8, SHAPE[0], 8)
+        for y in range(8, SHAPE[1], 8)
+        for x in range(8, SHAPE[2], 8)
+    ]
+    assert any(np.bincount(c[c > 0]).max() >= 4 for c in corners if c.any())
+
+
+def test_diagonal_contact_across_a_corner_joins_only_with_26_connectivity(client, tmp_path):
+    mask = np.zeros((16, 16, 16), np.float32)
+    mask[4:8, 4:8, 4:8] = 1.0  # ends at the corner (8, 8, 8) of 8x8x8 blocks
+    mask[8:12, 8:12, 8:12] = 1.0  # starts diagonally across it
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    six, _ = run(client, tmp_path, source, (8, 8, 8), name="six", decode={"connectivity": 6, "min_size": 0})
+    full, _ = run(client, tmp_path, source, (8, 8, 8), name="full", decode={"connectivity": 26, "min_size": 0})
+    assert len(np.unique(six)) == 3
+    assert len(np.unique(full)) == 2
+
+
+def watershed_oracle(probs: np.ndarray, min_size: int, connectivity: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-volume seeded watershed (method note defaults) and its seed mask, computed directly."""
+    from skimage.segmentation import watershed
+
+    mask, contour = probs
+    foreground = mask > 0.8
+    seeds = (mask > 0.85) & (contour < 0.6) & foreground
+    markers = cc3d.connected_components(seeds, connectivity=connectivity)
+    labels = watershed(-mask, markers, mask=foreground, connectivity=SKIMAGE_CONNECTIVITY[connectivity])
+    return remove_small(labels, min_size), seeds
+
+
+def test_watershed_whole_volume_matches_direct_watershed(client, tmp_path):
+    probs = generator_probabilities(SHAPE, seed=3)
+    source = write_probs(str(tmp_path / "probs.zarr"), probs)
+    whole, result = run(client, tmp_path, source, WHOLE, name="whole", decode={"min_size": 8})
+    oracle, _ = watershed_oracle(uint8_probs(probs), 8)
+    assert result.num_objects > 1
+    assert same_up_to_renumbering(whole, oracle)
+
+
+def test_watershed_blockwise_exact_on_single_seed_components(client, tmp_path):
+    """The documented guarantee: exact where a foreground component holds one seed; elsewhere seeds keep IDs."""
+    probs = generator_probabilities(SHAPE, seed=5)
+    source = write_probs(str(tmp_path / "probs.zarr"), probs)
+    whole, _ = run(client, tmp_path, source, WHOLE, name="whole", decode={"min_size": 0})
+    _, seeds = watershed_oracle(uint8_probs(probs), 0)
+    components = cc3d.connected_components(uint8_probs(probs)[0] > 0.8, connectivity=6)
+    seed_components = cc3d.connected_components(seeds, connectivity=6)
+    pairs = np.unique(np.stack([components[seeds], seed_components[seeds]], axis=1), axis=0)
+    ids, counts = np.unique(pairs[:, 0], return_counts=True)
+    single = np.isin(components, ids[counts == 1])
+    assert single.any()
+    for block in BLOCKS:
+        labels, _ = run(client, tmp_path, source, block, decode={"min_size": 0})
+        assert same_up_to_renumbering(np.where(single, labels, 0), np.where(single, whole, 0)), block
+        assert same_up_to_renumbering(np.where(seeds, labels, 0), np.where(seeds, whole, 0)), block
+        assert len(np.unique(labels)) == len(np.unique(whole))
+
+
+def test_watershed_keeps_touching_objects_apart_across_a_block_border(client, tmp_path):
+    """Two touching mitochondria split by a contour plane at a block border stay two objects."""
+    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(np.float32)
+    mask = np.zeros(SHAPE, np.float32)
+    contour = np.zeros(SHAPE, np.float32)
+    for cx in (8.0, 18.0):
+        d = np.sqrt((z - 8) ** 2 + (y - 14) ** 2 + (x - cx) ** 2)
+        mask = np.maximum(mask, np.clip(1.3 - d / 8, 0, 1))
+    contour[:, :, 12:14] = 0.9  # the interface, beside the x = 16 block border of 8-voxel blocks
+    source = write_probs(str(tmp_path / "probs.zarr"), np.stack([mask, contour]))
+    whole, _ = run(client, tmp_path, source, WHOLE, name="whole", decode={"min_size": 0})
+    blocks, _ = run(client, tmp_path, source, (8, 8, 8), decode={"min_size": 0})
+    assert len(np.unique(whole)) == len(np.unique(blocks)) == 3
+    assert np.array_equal(whole > 0, blocks > 0)
+
+
+def test_measurements_equal_whole_volume_measurements(client, tmp_path):
+    import pyarrow.csv as pcsv
+
+    mask = noise_mask(SHAPE, seed=2)
+    offset = (3, 5, 7)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None], offset=offset)
+    table_path = tmp_path / "objects.csv"
+    labels, result = run(
+        client, tmp_path, source, (4, 12, 16), table=str(table_path), decode={"min_size": 2, "threshold": 0.62}
+    )
+    got = pcsv.read_csv(table_path).to_pylist()
+    want = measure_labels(labels, VOXEL_NM, offset).to_pylist()
+    assert len(got) == result.num_objects == len(want) > 5
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:
+            assert g[key] == pytest.approx(w[key]), key
+    # spot-check one object against first principles
+    first = got[0]
+    zz, yy, xx = np.nonzero(labels == first["id"])
+    assert first["voxels"] == len(zz)
+    assert first["bbox_min_z"] == zz.min() + offset[0] and first["bbox_max_x"] == xx.max() + 1 + offset[2]
+    assert first["centroid_y_nm"] == pytest.approx((yy.mean() + offset[1] + 0.5) * VOXEL_NM[1])
+    assert first["volume_um3"] == pytest.approx(len(zz) * np.prod(VOXEL_NM) / 1e9)
+
+
+def test_surface_area_counts_exposed_voxel_faces(client, tmp_path):
+    import pyarrow.parquet as pq
+
+    mask = np.zeros((12, 12, 20), np.float32)
+    mask[2:10, 3:9, 5:15] = 1.0  # 8 x 6 x 10 box across block borders
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    table_path = tmp_path / "objects.parquet"
+    run(client, tmp_path, source, (4, 4, 8), table=str(table_path), decode={"min_size": 0})
+    (row,) = pq.read_table(table_path).to_pylist()
+    vz, vy, vx = VOXEL_NM
+    area_nm2 = 2 * (6 * 10 * vy * vx + 8 * 10 * vz * vx + 8 * 6 * vz * vy)
+    assert row["surface_um2"] == pytest.approx(area_nm2 / 1e6)
+    assert row["voxels"] == 8 * 6 * 10
+
+
+def test_region_of_interest_and_precomputed_output(client, tmp_path):
+    mask = noise_mask(SHAPE, seed=4)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    output = f"precomputed://file://{tmp_path}/seg"
+    roi = "4,4,8:8,20,16"
+    cfg = InstancesConfig(input=source, output=output, block_size=(4, 8, 8), roi=roi, decode={"min_size": 0})
+    assert run_instances(cfg, client, progress=False).ok
+    volume = open_volume(output)
+    assert volume.meta.layer_type == "segmentation" and volume.meta.dtype == np.uint64
+    assert volume.meta.voxel_size_nm == VOXEL_NM
+    labels = volume.read(volume.meta.roi)[0]
+    inside = (slice(4, 12), slice(4, 24), slice(8, 24))
+    oracle = cc3d.connected_components(uint8_probs(mask[None])[0][inside] > 0.5, connectivity=6)
+    assert same_up_to_renumbering(labels[inside], oracle)
+    outside = np.ones(SHAPE, bool)
+    outside[inside] = False
+    assert not labels[outside].any()
+
+
+def test_threshold_comes_from_the_input_provenance(client, tmp_path):
+    mask = noise_mask(SHAPE, seed=6)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None], threshold=0.7)
+    labels, _ = run(client, tmp_path, source, (8, 8, 8), decode={"min_size": 0})
+    assert np.array_equal(labels > 0, uint8_probs(mask[None])[0] > 0.7)
+
+
+def test_resume_skips_done_blocks_and_gives_the_same_labels(client, tmp_path):
+    mask = noise_mask(SHAPE, seed=7)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    settings = {"decode": {"min_size": 0}, "keep_scratch": True}
+    first, result = run(client, tmp_path, source, (8, 12, 16), name="seg", **settings)
+    again, resumed = run(client, tmp_path, source, (8, 12, 16), name="seg", **settings)
+    assert all(r.skipped == r.total and r.completed == 0 for r in resumed.passes)
+    assert np.array_equal(first, again)
+    fresh, rerun = run(client, tmp_path, source, (8, 12, 16), name="seg", resume=False, decode={"min_size": 0})
+    assert all(r.completed == r.total for r in rerun.passes)
+    assert np.array_equal(first, fresh)
+    assert not (tmp_path / "seg.zarr.mitoseg" / "instances").exists() or not any(
+        (tmp_path / "seg.zarr.mitoseg" / "instances").iterdir()
+    )
+
+
+def test_a_failing_block_is_reported_and_nothing_is_relabelled(client, tmp_path, monkeypatch):
+    from pipeline.instances import tasks
+
+    mask = noise_mask(SHAPE, seed=8)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    original = tasks.DecodeTask.__call__
+
+    def flaky(self, block):
+        if block.block_id[1] == 3:
+            raise RuntimeError("injected failure")
+        return original(self, block)
+
+    monkeypatch.setattr(tasks.DecodeTask, "__call__", flaky)
+    cfg = InstancesConfig(input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 12, 16))
+    result = run_instances(cfg, client, progress=False)
+    assert not result.ok and [f.block_id for f in result.failures] == [3]
+    assert result.match is None and result.relabel is None
+    monkeypatch.setattr(tasks.DecodeTask, "__call__", original)
+    resumed = run_instances(cfg, client, progress=False)
+    assert resumed.ok and resumed.decode.completed == 1 and resumed.decode.skipped == resumed.decode.total - 1
+
+
+@pytest.mark.cluster
+def test_two_process_workers_give_the_same_labels(tmp_path):
+    from pipeline.cluster import dask_client
+
+    mask = noise_mask(SHAPE, seed=9)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    oracle = cc3d.connected_components(uint8_probs(mask[None])[0] > 0.5, connectivity=6)
+    with dask_client(workers=2) as process_client:
+        labels, _ = run(process_client, tmp_path, source, (8, 12, 8), decode={"min_size": 0})
+    assert same_up_to_renumbering(labels, oracle)
