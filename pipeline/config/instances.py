@@ -70,6 +70,13 @@ class InstancesConfig(BaseModel):
             )
         return value
 
+    @field_validator("table")
+    @classmethod
+    def _table_format(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().endswith((".parquet", ".csv")):
+            raise ValueError(f"table {value!r} must end in .parquet or .csv (the format is taken from the suffix)")
+        return value
+
     @field_validator("block_size")
     @classmethod
     def _positive_block(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
