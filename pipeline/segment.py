@@ -125,7 +125,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     out_meta = source.meta.derive(
         dtype=np.dtype(config.output_dtype),
         num_channels=net.out_channels,
-        chunks=config.chunk_size,
+        chunks=tuple(min(c, b) for c, b in zip(config.chunk_size, config.block_size, strict=True)),
         layer_type="image",
     )
     outputs = [str(parse_volume_url(u)) for u in config.output]

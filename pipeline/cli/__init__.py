@@ -53,7 +53,7 @@ def main() -> None:
     except MitosegError as err:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)
     except typer.Exit as stop:
         sys.exit(stop.exit_code)

@@ -55,7 +55,7 @@ def segment(
     cfg = load_config(SegmentConfig, config, overrides)
     ensure_synthetic_input(cfg)
     result = run_segment(cfg)
-    console = Console()
+    console = Console(soft_wrap=True)
     run = result.run
     console.print(
         f"segment: {run.completed} block(s) computed, {run.skipped} skipped (already done), {run.failed} failed "

@@ -1,0 +1,122 @@
+"""Throughput and memory of `segment` against the bare network on the same patches and cores.
+
+Prints one table: for two synthetic volumes 8x apart in size, the end-to-end voxels/s of a blockwise run
+on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (in this process,
+same thread count), their ratio (target >= 0.9), and the peak RSS of each worker (target: the larger
+volume within 20 % of the smaller).
+
+    python benchmarks/throughput.py [--checkpoint models/demo.pt] [--small 32,256,256] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_forward(checkpoint: Path, raw: np.ndarray, grid, threads: int) -> tuple[float, int]:
+    """Seconds of the network alone over every patch the pipeline computes, and the voxels covered."""
+    import torch
+    from daisy import Roi
+
+    from pipeline.stitching import read_mirrored
+    from workers.predictor import Predictor, scale_input
+
+    torch.set_num_threads(threads)
+    predictor = Predictor(str(checkpoint))
+    whole = Roi((0, 0, 0), raw.shape)
+    read_roi = grid.read_roi(whole)
+    padded = scale_input(read_mirrored(lambda r: raw[None][(slice(None), *r.to_slices())], read_roi, raw.shape))
+    patches = []
+    for tile in grid.tiles(whole):
+        src = tile.grow(grid.context, grid.context)
+        local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
+        patches.append(padded[(slice(None), *local)])
+    predictor(patches[0])  # warm-up, as the worker plugin's first block is
+    start = time.perf_counter()
+    for patch in patches:
+        predictor(patch)
+    return time.perf_counter() - start, int(np.prod(raw.shape))
+
+
+def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Path) -> dict:
+    from pipeline.cluster import dask_client
+    from pipeline.config.segment import SegmentConfig
+    from pipeline.segment import prepare, segment
+    from pipeline.synthetic import generate_volume
+    from pipeline.volumes import VolumeMeta, create_volume
+
+    raw, _ = generate_volume(shape, seed=7)
+    url = f"zarr://file://{workdir}/em-{'x'.join(map(str, shape))}.zarr/raw"
+    meta = VolumeMeta(shape=shape, dtype=np.dtype(np.uint8), chunks=(32, 128, 128))
+    create_volume(url, meta).write(meta.roi, raw[None])
+    cfg = SegmentConfig(
+        input=url,
+        output=[f"zarr://file://{workdir}/out-{'x'.join(map(str, shape))}.zarr/probs"],
+        checkpoint=args.checkpoint,
+        block_size=args.block,
+        chunk_size=(32, 128, 128),
+        workers=args.workers,
+        pyramid=False,
+        resume=False,
+    )
+    with dask_client(workers=args.workers) as client:
+        result = segment(cfg, client=client, progress=False).run
+        rss = client.run(peak_rss_mb)
+    threads = max(1, (os.cpu_count() or 1) // args.workers) * args.workers
+    seconds, voxels = bare_forward(args.checkpoint, raw, prepare(cfg).job.grid, threads)
+    return {
+        "shape": shape,
+        "blocks": result.total,
+        "segment": result.voxels_per_second,
+        "bare": voxels / seconds,
+        "rss": max(rss.values()),
+        "ok": result.ok,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "demo.pt")
+    parser.add_argument("--small", default="32,256,256", help="Smaller volume Z,Y,X; the larger is 2x per axis.")
+    parser.add_argument("--block", default="32,256,256", help="Write block Z,Y,X.")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    args.block = tuple(int(v) for v in args.block.split(","))
+    small = tuple(int(v) for v in args.small.split(","))
+    large = tuple(2 * v for v in small)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_case(s, args, Path(tmp)) for s in (small, large)]
+    cores = os.cpu_count()
+    print(f"\nsegment vs bare network ({args.workers} worker(s), {cores} cores, {args.checkpoint.name})")
+    print(
+        f"{'volume (z,y,x)':>18} {'voxels':>11} {'blocks':>6} {'segment Mvox/s':>15} {'bare Mvox/s':>12} "
+        f"{'ratio':>6} {'peak RSS/worker':>16}"
+    )
+    for r in rows:
+        print(
+            f"{'x'.join(map(str, r['shape'])):>18} {int(np.prod(r['shape'])):>11,} {r['blocks']:>6} "
+            f"{r['segment'] / 1e6:>15.3f} {r['bare'] / 1e6:>12.3f} {r['segment'] / r['bare']:>6.2f} "
+            f"{r['rss']:>13.0f} MB"
+        )
+    ratio = min(r["segment"] / r["bare"] for r in rows)
+    growth = rows[1]["rss"] / rows[0]["rss"] - 1
+    print(f"\ntarget: ratio >= 0.90 -> {'met' if ratio >= 0.9 else 'NOT met'} (worst {ratio:.2f})")
+    print(f"target: peak RSS of the 8x volume within 20 % -> {'met' if growth <= 0.2 else 'NOT met'} ({growth:+.1%})")
+
+
+if __name__ == "__main__":
+    main()

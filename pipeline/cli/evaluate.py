@@ -1,0 +1,33 @@
+"""`mitoseg evaluate`: semantic metrics of a prediction volume against ground truth, chunk by chunk."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+
+def evaluate(
+    prediction: Annotated[str, typer.Option("--prediction", help="Probability or label volume URL (channel 0).")],
+    truth: Annotated[str, typer.Option("--truth", help="Ground-truth volume URL; any value > 0 is mitochondrion.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", min=0.0, max=1.0, help="Probability threshold; default from provenance, else 0.5."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Foreground IoU (Jaccard), Dice and mean IoU of a prediction against ground truth."""
+    from pipeline.evaluation import evaluate_all
+
+    scores = evaluate_all(prediction, truth, threshold)
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", title=f"{prediction} vs {truth}")
+    for key, value in scores.items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)

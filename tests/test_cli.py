@@ -1,0 +1,87 @@
+"""The command line as a user runs it: options override the file, bad input fails with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import em_like, write_raw
+
+from pipeline.config import load_config
+from pipeline.config.segment import SegmentConfig
+from pipeline.errors import ConfigError
+from pipeline.volumes import open_volume
+
+
+def mitoseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_options_override_the_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("input: a.zarr/raw\noutput: b.zarr/p\nblock_size: [32, 64, 64]\nworkers: 3\n")
+    cfg = load_config(SegmentConfig, job, {"workers": 1, "block_size": None})
+    assert cfg.workers == 1 and cfg.block_size == (32, 64, 64) and cfg.output == ["b.zarr/p"]
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("input: a\noutput: b\nworkers: 0\n", r"workers: Input should be greater than or equal to 1 \(got 0\)"),
+        ("input: a\noutput: b\noutput_dtype: int8\n", r"output_dtype: Input should be 'uint8', 'float16' or 'float32'"),
+        ("input: a\noutput: b\nblok_size: [1, 2, 3]\n", r"blok_size: Extra inputs are not permitted"),
+        ("output: b\n", r"input: Field required"),
+        ("- a\n- b\n", r"must hold a mapping"),
+    ],
+)
+def test_invalid_files_name_field_value_and_allowed(tmp_path: Path, text: str, pattern: str) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(SegmentConfig, job)
+
+
+def test_cli_error_exit_status_and_message(tmp_path: Path) -> None:
+    out = mitoseg(
+        "segment",
+        "--input",
+        str(tmp_path / "missing.zarr/raw"),
+        "--output",
+        str(tmp_path / "o.zarr/p"),
+        "--block-size",
+        "1,2",
+    )
+    assert out.returncode == 2 and "--block-size '1,2' must be three integers" in out.stderr
+    out = mitoseg("segment", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "nope.yaml does not exist" in out.stderr
+
+
+@pytest.mark.cluster
+def test_segment_command_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    raw = write_raw(f"{tmp_path}/em.zarr/raw", em_like((16, 64, 64)))
+    out = f"{tmp_path}/p.zarr/probs"
+    args = [
+        "segment",
+        "--input",
+        raw,
+        "--output",
+        out,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--block-size",
+        "16,64,64",
+        "--workers",
+        "1",
+        "--roi",
+        "0,0,0:16,64,64",
+    ]
+    first = mitoseg(*args)
+    assert first.returncode == 0, first.stderr
+    assert "1 block(s) computed" in first.stdout and "view:" in first.stdout
+    probs = open_volume(out)
+    assert probs.meta.num_channels == 1 and probs.read(probs.meta.roi).dtype == np.uint8
+    again = mitoseg(*args)
+    assert "0 block(s) computed, 1 skipped" in again.stdout
