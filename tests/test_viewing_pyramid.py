@@ -39,6 +39,19 @@ def test_levels_isotropic_and_none_needed() -> None:
     assert pyramid_levels((16, 32, 32), (16, 32, 32), (1.0, 1.0, 1.0)) == []
 
 
+def test_levels_on_the_absolute_grid_of_an_offset_volume() -> None:
+    levels = pyramid_levels((4, 4, 5), (2, 2, 2), (1.0, 1.0, 1.0), min_chunks_across=1, voxel_offset=(0, 2, 3))
+    assert levels[0] == Level(1, (2, 2, 2), (2, 2, 2), (2, 2, 3), voxel_offset=(0, 1, 1), phase=(0, 0, 1))
+    assert levels[1:] == [Level(2, (2, 2, 2), (4, 4, 4), (1, 2, 2), voxel_offset=(0, 0, 0), phase=(0, 1, 1))]
+
+
+def test_windows_start_before_the_data_by_the_phase() -> None:
+    data = np.array([4, 6, 8], dtype=np.uint8).reshape(1, 1, 1, 3)
+    assert downsample(data, (1, 1, 2), "mean", (0, 0, 1)).ravel().tolist() == [4, 7]
+    labels = np.array([1, 2, 2], dtype=np.uint64).reshape(1, 1, 1, 3)
+    assert downsample(labels, (1, 1, 2), "mode", (0, 0, 1)).ravel().tolist() == [1, 2]
+
+
 def test_mean_uses_only_voxels_inside_the_volume() -> None:
     data = np.array([1, 3, 5], dtype=np.uint8).reshape(1, 1, 1, 3)
     assert downsample(data, (1, 1, 2), "mean").ravel().tolist() == [2, 5]
@@ -58,7 +71,7 @@ def test_mode_picks_most_frequent_label_and_ignores_padding() -> None:
 def _oracle_levels(data: np.ndarray, levels: list[Level], method: str) -> list[np.ndarray]:
     out = [data]
     for level in levels:
-        out.append(downsample(out[-1], level.factor, method))  # type: ignore[arg-type]
+        out.append(downsample(out[-1], level.factor, method, level.phase))  # type: ignore[arg-type]
     return out
 
 

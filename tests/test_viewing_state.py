@@ -58,7 +58,7 @@ def test_state_dimensions_position_and_layers() -> None:
         "y": [8e-9, "m"],
         "x": [4e-9, "m"],
     }
-    assert "matrix" not in probs["source"]["transform"]
+    assert "matrix" not in probs["source"]["transform"] and "inputDimensions" not in probs["source"]["transform"]
     assert "channel=[0]" in probs["shader"] and "range=[0, 255]" in probs["shader"]
     assert probs["blend"] == "additive"
     assert cells["type"] == "segmentation" and cells["segments"] == ["5", "2"]
@@ -67,11 +67,12 @@ def test_state_dimensions_position_and_layers() -> None:
     assert state["selectedLayer"] == {"layer": "cells", "visible": True}
 
 
-def test_plain_zarr_array_offset_goes_into_the_transform() -> None:
-    spec = LayerSpec("raw", "zarr://http://h/raw", RAW, zarr_axes=("z", "y", "x"), translation_voxels=(10, 20, 30))
+def test_plain_zarr_array_gets_voxel_size_and_offset_from_the_transform() -> None:
+    spec = LayerSpec("raw", "zarr://http://h/raw", RAW, zarr_axes=("z", "y", "x"), plain_zarr=True)
     transform = build_state([spec])["layers"][0]["source"]["transform"]
     assert transform["matrix"] == [[1, 0, 0, 10], [0, 1, 0, 20], [0, 0, 1, 30]]
-    assert list(transform["outputDimensions"]) == ["z", "y", "x"]
+    expected = {"z": [30e-9, "m"], "y": [8e-9, "m"], "x": [4e-9, "m"]}
+    assert transform["inputDimensions"] == transform["outputDimensions"] == expected
 
 
 def test_single_channel_float_overlay() -> None:

@@ -26,7 +26,7 @@ class ViewLayer:
     url: VolumeURL
     meta: VolumeMeta
     zarr_axes: tuple[str, ...] = ()
-    translation_voxels: tuple[int, int, int] = (0, 0, 0)
+    plain_zarr: bool = False
     mesh_companion: str | None = None
     """Path of the precomputed meshes folder of a zarr segmentation, relative to the volume."""
     segments: tuple[int, ...] = ()
@@ -39,7 +39,7 @@ class ViewLayer:
         if self.mesh_companion:
             base = served if served else self.url.location
             extra = (f"precomputed://{base}/{self.mesh_companion}",)
-        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.translation_voxels, extra, self.segments)
+        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.plain_zarr, extra, self.segments)
 
 
 def _check_local(url: VolumeURL, text: str) -> None:
@@ -93,11 +93,10 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
         volume = open_volume(url)
         meta = volume.meta
         zarr_axes: tuple[str, ...] = ()
-        translation = (0, 0, 0)
+        plain_zarr = False
         if isinstance(volume, ZarrVolume):
             zarr_axes = tuple(volume.axes)
-            if volume.node is volume.array:  # a plain array: its offset is not in OME metadata
-                translation = meta.voxel_offset
+            plain_zarr = volume.node is volume.array
         companion = None
         segments: tuple[int, ...] = ()
         if meta.layer_type == "segmentation":
@@ -108,5 +107,5 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
             else:
                 segments, found = _visible_segments(f"{url.location}/{ZARR_COMPANION}/segment_properties")
                 companion = ZARR_COMPANION if found else None
-        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, translation, companion, segments))
+        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, plain_zarr, companion, segments))
     return layers

@@ -31,12 +31,19 @@ DEFAULT_BLOCK_VOXELS: Vec3 = (64, 128, 128)
 
 @dataclass(frozen=True)
 class Level:
-    """One scale level: its factor against the level above and against level 0, and its shape."""
+    """One scale level: its factor against the level above and against level 0, shape and placement.
+
+    Windows are aligned to the grid of absolute voxel coordinates (as precomputed scales require): the first
+    window of an axis starts `phase` voxels before the level above begins, when its offset is not a multiple
+    of the factor.
+    """
 
     index: int
     factor: Vec3
     total_factor: Vec3
     shape: Vec3
+    voxel_offset: Vec3 = (0, 0, 0)
+    phase: Vec3 = (0, 0, 0)
 
 
 @dataclass
@@ -62,44 +69,49 @@ def pyramid_levels(
     voxel_size_nm: tuple[float, float, float],
     min_chunks_across: int = 2,
     max_levels: int = 8,
+    voxel_offset: Vec3 = (0, 0, 0),
 ) -> list[Level]:
     """Levels 1.. for a volume: halve the axes finer than twice the finest voxel size, until every axis
     spans at most `min_chunks_across` chunks (or `max_levels` levels)."""
     levels: list[Level] = []
-    size, res, total = list(shape), list(voxel_size_nm), [1, 1, 1]
+    size, res, total, offset = list(shape), list(voxel_size_nm), [1, 1, 1], list(voxel_offset)
     while len(levels) < max_levels and any(-(-s // c) > min_chunks_across for s, c in zip(size, chunks, strict=True)):
         finest = min(r for r, s in zip(res, size, strict=True) if s > 1)
         factor = [2 if s > 1 and r < 2 * finest else 1 for s, r in zip(size, res, strict=True)]
-        size = [-(-s // f) for s, f in zip(size, factor, strict=True)]
+        phase = [o % f for o, f in zip(offset, factor, strict=True)]
+        size = [-(-(p + s) // f) for p, s, f in zip(phase, size, factor, strict=True)]
+        offset = [o // f for o, f in zip(offset, factor, strict=True)]
         res = [r * f for r, f in zip(res, factor, strict=True)]
         total = [t * f for t, f in zip(total, factor, strict=True)]
-        levels.append(Level(len(levels) + 1, tuple(factor), tuple(total), tuple(size)))  # type: ignore[arg-type]
+        levels.append(Level(len(levels) + 1, *(tuple(v) for v in (factor, total, size, offset, phase))))  # type: ignore[arg-type]
     return levels
 
 
-def _windows(data: np.ndarray, factor: Vec3, fill: Any) -> np.ndarray:
-    """(C, Z, Y, X) data padded with `fill` to whole windows, as (C, Z', Y', X', window voxels)."""
-    pad = [(0, 0)] + [(0, -s % f) for s, f in zip(data.shape[1:], factor, strict=True)]
+def _windows(data: np.ndarray, factor: Vec3, phase: Vec3, fill: Any) -> np.ndarray:
+    """(C, Z, Y, X) data padded with `fill` to whole windows (`phase` voxels before, the rest after), as
+    (C, Z', Y', X', window voxels)."""
+    pad = [(0, 0)] + [(p, -(p + s) % f) for s, f, p in zip(data.shape[1:], factor, phase, strict=True)]
     padded = np.pad(data, pad, constant_values=fill)
     c, (z, y, x), (fz, fy, fx) = data.shape[0], (s // f for s, f in zip(padded.shape[1:], factor, strict=True)), factor
     grid = padded.reshape(c, z, fz, y, fy, x, fx).transpose(0, 1, 3, 5, 2, 4, 6)
     return grid.reshape(c, z, y, x, fz * fy * fx)
 
 
-def downsample(data: np.ndarray, factor: Vec3, method: Method) -> np.ndarray:
-    """Down-sample (C, Z, Y, X) `data` by `factor`; windows cut by the border use the voxels they hold.
+def downsample(data: np.ndarray, factor: Vec3, method: Method, phase: Vec3 = (0, 0, 0)) -> np.ndarray:
+    """Down-sample (C, Z, Y, X) `data` by `factor`, the first windows starting `phase` voxels before the data;
+    windows cut by the border use the voxels they hold.
 
     `mean` rounds to the nearest integer for integer types; `mode` breaks ties by the first voxel of the
     window in (z, y, x) order.
     """
     if factor == (1, 1, 1):
         return data.copy()
-    valid = _windows(np.ones((1, *data.shape[1:]), dtype=bool), factor, False)
+    valid = _windows(np.ones((1, *data.shape[1:]), dtype=bool), factor, phase, False)
     if method == "mean":
-        sums = _windows(data.astype(np.result_type(data.dtype, np.float32)), factor, 0).sum(axis=-1)
+        sums = _windows(data.astype(np.result_type(data.dtype, np.float32)), factor, phase, 0).sum(axis=-1)
         mean = sums / valid.sum(axis=-1)
         return (np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean).astype(data.dtype)
-    values = _windows(data, factor, 0)
+    values = _windows(data, factor, phase, 0)
     counts = np.zeros(values.shape, dtype=np.int16)
     for j in range(values.shape[-1]):
         counts += (values == values[..., j : j + 1]) & valid[..., j : j + 1]
@@ -117,33 +129,32 @@ class DownsampleBlock:
     """Per-block task: read the window of level `level - 1` under a block of `level`, reduce it, write it."""
 
     url: str
-    level: int
-    factor: Vec3
+    level: Level
     method: Method
 
     def __call__(self, block: Block) -> None:
-        source = open_volume(self.url, scale=self.level - 1)
-        target = open_volume(self.url, mode="r+", scale=self.level)
-        write = block.write_roi
-        read = Roi(
-            [b * f for b, f in zip(write.begin, self.factor, strict=True)],
-            [s * f for s, f in zip(write.shape, self.factor, strict=True)],
-        ).intersect(source.meta.roi)
-        target.write(write, downsample(source.read(read), self.factor, self.method))
+        source = open_volume(self.url, scale=self.level.index - 1)
+        target = open_volume(self.url, mode="r+", scale=self.level.index)
+        write, factor = block.write_roi, self.level.factor
+        windows = Roi(
+            [b * f - p for b, f, p in zip(write.begin, factor, self.level.phase, strict=True)],
+            [s * f for s, f in zip(write.shape, factor, strict=True)],
+        )
+        read = windows.intersect(source.meta.roi)
+        phase = tuple(r - w for r, w in zip(read.begin, windows.begin, strict=True))
+        target.write(write, downsample(source.read(read), factor, self.method, phase))  # type: ignore[arg-type]
 
 
 def _precomputed_scales(info: dict[str, Any], meta: VolumeMeta, levels: list[Level]) -> list[dict[str, Any]]:
     base = info["scales"][0]
     scales = [base]
     for level in levels:
-        fx = level.total_factor[::-1]
-        res = [r * f for r, f in zip(base["resolution"], fx, strict=True)]
-        offset = [o // f for o, f in zip(base.get("voxel_offset", [0, 0, 0]), fx, strict=True)]
+        res = [r * f for r, f in zip(base["resolution"], level.total_factor[::-1], strict=True)]
         scale = {
             **{k: v for k, v in base.items() if k in ("encoding", "compressed_segmentation_block_size")},
             "key": "_".join(f"{r:g}" for r in res),
             "resolution": res,
-            "voxel_offset": offset,
+            "voxel_offset": list(level.voxel_offset[::-1]),
             "size": list(level.shape[::-1]),
             "chunk_sizes": [list(meta.chunks[::-1])],
         }
@@ -210,7 +221,9 @@ def add_pyramid(
     volume = open_volume(url, mode="r+")
     meta = volume.meta
     parsed = parse_volume_url(url)
-    levels = pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm, min_chunks_across, max_levels)
+    # precomputed scales sit on the absolute voxel grid; OME-Zarr levels start where level 0 starts
+    grid_offset = meta.voxel_offset if parsed.kind == "precomputed" else (0, 0, 0)
+    levels = pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm, min_chunks_across, max_levels, grid_offset)
     result = PyramidResult(str(parsed))
     if not levels:
         log.info("%s is already within %d chunks across; no pyramid needed", url, min_chunks_across)
@@ -225,7 +238,7 @@ def add_pyramid(
         run = run_blockwise(
             client,
             plan,
-            DownsampleBlock(str(parsed), level.index, level.factor, method),
+            DownsampleBlock(str(parsed), level, method),
             max_in_flight=max_in_flight,
             description=f"pyramid s{level.index}",
             progress=progress,

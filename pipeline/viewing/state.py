@@ -29,8 +29,8 @@ class LayerSpec:
     meta: VolumeMeta
     zarr_axes: tuple[str, ...] = ()
     """Stored axis order of a zarr source (e.g. c, z, y, x); empty for precomputed."""
-    translation_voxels: tuple[int, int, int] = (0, 0, 0)
-    """(z, y, x) offset that the source itself does not carry (plain zarr arrays with a voxel_offset attribute)."""
+    plain_zarr: bool = False
+    """A zarr array without OME-Zarr metadata: Neuroglancer learns its voxel size and offset from the state."""
     extra_sources: tuple[str, ...] = ()
     """More data sources of the layer, e.g. the precomputed meshes and segment properties of a zarr segmentation."""
     segments: tuple[int, ...] = ()
@@ -70,21 +70,22 @@ def overlay_shader(color: str, value_range: list[float], num_channels: int) -> s
 
 
 def _source(spec: LayerSpec, channel_name: str) -> dict[str, Any] | str:
-    """The layer's main source; zarr sources get voxel size, channel axis and offset through a transform."""
+    """The layer's main source; zarr sources get their channel axis (and voxel size, offset) through a transform."""
     if not spec.zarr_axes:
         return spec.source
     size = dict(zip(("z", "y", "x"), spec.meta.voxel_size_nm, strict=True))
-    shift = dict(zip(("z", "y", "x"), spec.translation_voxels, strict=True))
+    offset = dict(zip(("z", "y", "x"), spec.meta.voxel_offset, strict=True))
 
     def scale(axis: str) -> list[Any]:
         return [1, ""] if axis == "c" else [size[axis] / NM_PER_M, "m"]
 
     outputs = {(channel_name if a == "c" else a): scale(a) for a in spec.zarr_axes}
     transform: dict[str, Any] = {"outputDimensions": outputs}
-    if any(shift.values()):
+    if spec.plain_zarr:
         rank = len(spec.zarr_axes)
+        transform["inputDimensions"] = outputs
         transform["matrix"] = [
-            [1 if j == i else 0 for j in range(rank)] + [shift.get(a, 0)] for i, a in enumerate(spec.zarr_axes)
+            [1 if j == i else 0 for j in range(rank)] + [offset.get(a, 0)] for i, a in enumerate(spec.zarr_axes)
         ]
     return {"url": spec.source, "transform": transform}
 
