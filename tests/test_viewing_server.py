@@ -85,6 +85,16 @@ def _volume(url: str, layer_type: str = "image") -> str:
     return url
 
 
+def test_plain_zarr_array_is_marked(tmp_path: Path) -> None:
+    import zarr
+
+    array = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 8, 8), chunks=(4, 8, 8), dtype="uint8")
+    array.attrs.update({"resolution_nm": [30, 4, 4], "voxel_offset": [1, 2, 3]})
+    (layer,) = open_layers([str(tmp_path / "plain.zarr")])
+    assert layer.plain_zarr and layer.zarr_axes == ("z", "y", "x")
+    assert (layer.meta.voxel_size_nm, layer.meta.voxel_offset) == ((30.0, 4.0, 4.0), (1, 2, 3))
+
+
 def test_layers_named_and_companions_found(tmp_path: Path) -> None:
     from cloudfiles import CloudFiles
 
@@ -96,7 +106,7 @@ def test_layers_named_and_companions_found(tmp_path: Path) -> None:
     layers = open_layers([raw, seg])
     assert [layer.name for layer in layers] == ["raw", "raw_2"]
     assert layers[1].mesh_companion == "meshes" and layers[1].segments == (4, 3, 9)
-    assert layers[1].zarr_axes == ("c", "z", "y", "x")
+    assert layers[1].zarr_axes == ("c", "z", "y", "x") and not layers[1].plain_zarr
     spec = layers[1].spec("http://127.0.0.1:1")
     assert spec.source == "zarr://http://127.0.0.1:1/raw_2"
     assert spec.extra_sources == ("precomputed://http://127.0.0.1:1/raw_2/meshes",)

@@ -42,7 +42,12 @@ def test_state_dimensions_position_and_layers() -> None:
         LayerSpec("raw", "precomputed://http://h/raw", RAW),
         LayerSpec("probs", "zarr://http://h/probs", PROBS, zarr_axes=("c", "z", "y", "x")),
         LayerSpec(
-            "cells", "zarr://http://h/cells", LABELS, ("c", "z", "y", "x"), (0, 0, 0), ("precomputed://x/m",), (5, 2)
+            "cells",
+            "zarr://http://h/cells",
+            LABELS,
+            zarr_axes=("c", "z", "y", "x"),
+            extra_sources=("precomputed://x/m",),
+            segments=(5, 2),
         ),
     ]
     state = build_state(layers)
