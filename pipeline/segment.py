@@ -212,6 +212,28 @@ def segment(config: SegmentConfig, client: Any = None, plugin: Any = None, progr
         run.job.grid.patch_shape,
     )
     if client is not None:
-        return execute(run, client, plugin, progress)
+        return _execute_and_finish(run, client, plugin, progress)
     with dask_client(config.scheduler, config.workers, gpus=int(config.gpu_resource)) as own:
-        return execute(run, own, plugin, progress)
+        return _execute_and_finish(run, own, plugin, progress)
+
+
+def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: bool) -> SegmentResult:
+    """Run the blocks, then add the viewing pyramid to each output when every block succeeded."""
+    result = execute(run, client, plugin, progress)
+    if run.config.pyramid and result.run.ok:
+        from pipeline.viewing.pyramid import add_pyramid
+
+        for url in result.outputs:
+            if result.run.completed == 0 and _has_pyramid(url):
+                continue  # nothing changed since the pyramid was built: a re-run stays a no-op
+            pyramid = add_pyramid(client, url, progress=progress)
+            result.extra.setdefault("pyramid_levels", {})[url] = len(pyramid.levels)
+    return result
+
+
+def _has_pyramid(url: str) -> bool:
+    try:
+        open_volume(url, scale=1)
+    except StorageError:
+        return False
+    return True
