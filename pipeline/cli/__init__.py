@@ -32,14 +32,19 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 
 def _register() -> None:
+    from pipeline.cli.evaluate import evaluate
+    from pipeline.cli.instances import instances
     from pipeline.cli.segment import segment
+    from pipeline.cli.train import train
+    from pipeline.cli.view import view
 
-    app.command("segment")(segment)
-    for module, name in (("train", "train"), ("evaluate", "evaluate"), ("instances", "instances"), ("view", "view")):
-        try:
-            command = getattr(__import__(f"pipeline.cli.{module}", fromlist=[name]), name)
-        except ImportError:
-            continue
+    for name, command in (
+        ("segment", segment),
+        ("instances", instances),
+        ("train", train),
+        ("evaluate", evaluate),
+        ("view", view),
+    ):
         app.command(name)(command)
 
 

@@ -69,8 +69,6 @@ def segment(
         for failure in run.failures:
             console.print(f"  block {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
         raise typer.Exit(1)
-    try:
-        from pipeline.viewing import view_command
-    except ImportError:
-        return
+    from pipeline.viewing import view_command
+
     console.print(f"view: {view_command([cfg.input, *result.outputs])}", highlight=False)
