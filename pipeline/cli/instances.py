@@ -26,7 +26,7 @@ def instances(
     from pipeline.cluster import dask_client
     from pipeline.config import load_config
     from pipeline.config.instances import InstancesConfig
-    from pipeline.instances.run import run_instances
+    from pipeline.instances.run import prepare_instances, run_instances
 
     overrides = {
         "input": input,
@@ -39,8 +39,9 @@ def instances(
         "resume": False if no_resume else None,
     }
     cfg = load_config(InstancesConfig, config, overrides)
+    job = prepare_instances(cfg)  # every check before the cluster starts
     with dask_client(cfg.scheduler, workers=cfg.workers) as client:
-        result = run_instances(cfg, client)
+        result = run_instances(job, client)
     console = Console()
     for name, run in zip(("decode", "match", "relabel"), result.passes, strict=False):
         console.print(

@@ -19,10 +19,11 @@ import logging
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from daisy import Roi
 
 from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import ConfigError, GeometryError
@@ -156,8 +157,34 @@ def _load_pass_files(files: BlockFiles, plan: BlockPlan) -> PassFiles:
     )
 
 
-def run_instances(config: InstancesConfig, client: Any, progress: bool = True) -> InstancesResult:
-    """Decode `config.input` into globally consistent instance IDs in `config.output`, with an object table."""
+@dataclass(frozen=True)
+class InstancesJob:
+    """A checked job: the input's geometry, the resolved decoding, the block plan and where state lives."""
+
+    config: InstancesConfig
+    meta: VolumeMeta
+    input_url: str
+    output_url: str
+    decode: DecodeConfig
+    region: Roi
+    block_shape: tuple[int, int, int]
+    plan: BlockPlan
+    key: str
+    state: str
+    """Location of the job's scratch labels and per-block files (beside the output)."""
+
+    def record(self) -> dict[str, Any]:
+        """What defines the job's labels, for keys and provenance."""
+        return {
+            "input": self.input_url,
+            "roi": roi_key(self.region),
+            "block": list(self.block_shape),
+            "decode": self.decode.model_dump(),
+        }
+
+
+def prepare_instances(config: InstancesConfig) -> InstancesJob:
+    """Check a job without starting any work: input channels and type, method, region, block plan, ID space."""
     if not config.input or not config.output:
         raise ConfigError("instances needs an input and an output: set them in the job file or pass --input/--output")
     source = open_volume(config.input)
@@ -166,24 +193,31 @@ def run_instances(config: InstancesConfig, client: Any, progress: bool = True) -
     region = parse_roi(config.roi) if config.roi else meta.roi
     block_shape = block_shape_for(config, meta.chunks)
     plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region)
-    stride = id_stride(block_shape)
-    check_id_space(plan.num_blocks, stride)
+    check_id_space(plan.num_blocks, id_stride(block_shape))
     output = parse_volume_url(config.output)
-    parts = {"input": str(source.url), "roi": roi_key(region), "block": block_shape, "decode": decode.model_dump()}
-    key = job_key(stage="instances", chunks=meta.chunks, **parts)
-    state = f"{state_location(output.location)}/instances/{key}"
+    job = InstancesJob(config, meta, str(source.url), str(output), decode, region, block_shape, plan, "", "")
+    key = job_key(stage="instances", chunks=meta.chunks, **job.record())
+    return replace(job, key=key, state=f"{state_location(output.location)}/instances/{key}")
+
+
+def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress: bool = True) -> InstancesResult:
+    """Decode the input into globally consistent instance IDs in the output, with an object table."""
+    job = config if isinstance(config, InstancesJob) else prepare_instances(config)
+    cfg, plan, meta, state = job.config, job.plan, job.meta, job.state
+    output_location = parse_volume_url(job.output_url).location
     label_meta = meta.derive(dtype=np.uint64, num_channels=1, layer_type="segmentation")
     scratch_url = f"zarr://{state}/provisional"
-    _, scratch_reused = _open_or_create(scratch_url, label_meta, config.resume)
-    resume = config.resume and scratch_reused
-    spec = StageSpec(str(source.url), scratch_url, f"{state}/blocks", region, stride, decode, uuid.uuid4().hex)
+    _, scratch_reused = _open_or_create(scratch_url, label_meta, cfg.resume)
+    resume = cfg.resume and scratch_reused
+    stride = id_stride(job.block_shape)
+    spec = StageSpec(job.input_url, scratch_url, f"{state}/blocks", job.region, stride, job.decode, uuid.uuid4().hex)
     markers = {
-        name: DoneMarkers(output.location, job_key(job=key, stage=name, output=str(output), dtype=config.dtype))
+        name: DoneMarkers(output_location, job_key(job=job.key, stage=name, output=job.output_url, dtype=cfg.dtype))
         for name in ("decode", "match", "relabel")
     }
-    log.info("instances: %d blocks of %s voxels, method %s", plan.num_blocks, block_shape, decode.method)
+    log.info("instances: %d blocks of %s voxels, method %s", plan.num_blocks, job.block_shape, job.decode.method)
 
-    result = InstancesResult(str(output), RunResult(total=plan.num_blocks))
+    result = InstancesResult(job.output_url, RunResult(total=plan.num_blocks))
     clock = time.perf_counter()
     result.decode = _run_pass(client, plan, DecodeTask(spec), markers["decode"], resume, "decode", progress)
     result.seconds["decode"] = time.perf_counter() - clock
@@ -196,24 +230,24 @@ def run_instances(config: InstancesConfig, client: Any, progress: bool = True) -
         return result
 
     clock = time.perf_counter()
-    merged = _merge(BlockFiles(spec.files), plan, decode, config.dtype)
+    merged = _merge(BlockFiles(spec.files), plan, job.decode, cfg.dtype)
     result.seconds["merge"] = time.perf_counter() - clock
     result.num_objects, result.equivalences = len(merged.final_ids), merged.equivalences
     result.border_ids = merged.border_ids
 
     clock = time.perf_counter()
-    target, reused = _open_or_create(str(output), label_meta.derive(dtype=config.dtype), resume)
-    task = RelabelTask(spec, str(output), config.dtype)
+    target, reused = _open_or_create(job.output_url, label_meta.derive(dtype=cfg.dtype), resume)
+    task = RelabelTask(spec, job.output_url, cfg.dtype)
     result.relabel = _run_pass(client, plan, task, markers["relabel"], resume and reused, "relabel", progress)
     result.seconds["relabel"] = time.perf_counter() - clock
     if not result.relabel.ok:
         return result
 
-    target.set_provenance({"stage": "instances", **parts, "objects": result.num_objects})
-    if config.table:
-        write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), config.table)
-        result.table = config.table
-    if not config.keep_scratch:
+    target.set_provenance({"stage": "instances", **job.record(), "objects": result.num_objects})
+    if cfg.table:
+        write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), cfg.table)
+        result.table = cfg.table
+    if not cfg.keep_scratch:
         _remove_state(state, list(markers.values()))
     return result
 
