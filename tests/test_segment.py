@@ -180,3 +180,54 @@ def test_roi_region_is_the_only_thing_written(clients, raw_url, tiny_checkpoint,
     mask = np.zeros(SHAPE, bool)
     mask[inside.to_slices()] = True
     assert (got[0][~mask] == 0).all() and (got[0][mask] > 0).any()
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(raw_url, tiny_checkpoint, reference, tmp_path) -> None:
+    """SIGKILL the whole run (client, scheduler, workers) midway; the same command finishes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "segment",
+        "--input",
+        raw_url,
+        "--output",
+        out,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--block-size",
+        "8,16,16",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done_dir = tmp_path / "p.zarr/probs.mitoseg/done"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(done_dir.glob("*/*"))) < 5 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(done_dir.glob("*/*")))
+    total = 3 * 5 * 5
+    assert 5 <= finished < total, "the run should have been killed midway"
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"{total - finished} block(s) computed, {finished} skipped" in again.stdout
+    assert np.abs(read_all(out).astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_unreadable_input_chunk_fails_only_its_blocks(clients, tiny_checkpoint, tmp_path) -> None:
+    raw = write_raw(f"zarr2://file://{tmp_path}/em.zarr/raw", em_like(SHAPE), chunks=(8, 16, 16))
+    (tmp_path / "em.zarr/raw/s0/0.2.4.4").write_bytes(b"damaged")
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    cfg = config(raw, out, tiny_checkpoint, block_size=(8, 32, 32), retries=0)
+    run = segment(cfg, client=clients[2], progress=False).run
+    assert 0 < run.failed < run.total and run.completed == run.total - run.failed
+    assert all("chunk 16,64,64:8,16,8" in f.error for f in run.failures)
