@@ -259,8 +259,7 @@ def _merge(files: BlockFiles, plan: BlockPlan, decode: DecodeConfig, dtype: str)
     if len(merged.final_ids) > np.iinfo(np.dtype(dtype)).max:
         raise ConfigError(f"{len(merged.final_ids)} objects do not fit {dtype} labels; use dtype uint64")
     tables = block_tables(np.arange(plan.num_blocks), loaded.counts, merged.row_final)
-    for block_id, table in tables.items():
-        files.put(f"map/{block_id}.npz", final=table)
+    files.put_many({f"map/{block_id}.npz": {"final": table} for block_id, table in tables.items()})
     return merged
 
 

@@ -42,12 +42,25 @@ class BlockFiles:
         return CloudFiles(self.location, progress=False)
 
     def put(self, name: str, **arrays: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        self.put_many({name: arrays})
+
+    def put_many(self, files: dict[str, dict[str, np.ndarray]]) -> None:
+        """Write several files at once (in parallel on object stores)."""
+
+        def encoded(arrays: dict[str, np.ndarray]) -> bytes:
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            return buffer.getvalue()
+
         try:
-            self._files().put(name, buffer.getvalue(), compress=None, content_type="application/octet-stream")
+            self._files().puts(
+                ((name, encoded(arrays)) for name, arrays in files.items()),
+                compress=None,
+                content_type="application/octet-stream",
+                total=len(files),
+            )
         except Exception as err:
-            raise StorageError(f"cannot write {name} at {self.location}: {err}") from err
+            raise StorageError(f"cannot write {len(files)} per-block file(s) at {self.location}: {err}") from err
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         return self.get_many([name])[0]
