@@ -118,7 +118,10 @@ def test_layers_named_and_companions_found(tmp_path: Path) -> None:
         (None, "nowhere", "does not exist"),
         ("folder", "folder", "is not a volume: it has neither a precomputed 'info' file nor zarr metadata"),
         ("folder", "precomputed://folder", "has no 'info' file, so it is not a precomputed layer"),
+        ("outputs", "out.zarr/nothing", "does not exist"),
         ("group", "group.zarr", "zarr group without OME-Zarr multiscales"),
+        ("outputs", "out.zarr", r"it holds volumes but is not one; name them instead: .*out.zarr/probs"),
+        ("outputs", "zarr://out.zarr", r"it holds volumes but is not one; name them instead: .*out.zarr/probs"),
     ],
 )
 def test_bad_input_is_named(tmp_path: Path, make: str | None, text: str, pattern: str) -> None:
@@ -129,7 +132,10 @@ def test_bad_input_is_named(tmp_path: Path, make: str | None, text: str, pattern
         (tmp_path / "folder" / "notes.txt").write_text("x")
     elif make == "group":
         zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
-    url = text.replace("folder", str(tmp_path / "folder")) if "://" in text else str(tmp_path / text)
+    elif make == "outputs":
+        zarr.open_group(str(tmp_path / "out.zarr"), mode="w")
+        _volume(f"zarr://file://{tmp_path}/out.zarr/probs")
+    url = text.replace("://", f"://{tmp_path}/") if "://" in text else str(tmp_path / text)
     with pytest.raises(StorageError, match=pattern):
         open_layers([url])
 

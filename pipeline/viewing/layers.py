@@ -52,10 +52,28 @@ def _check_local(url: VolumeURL, text: str) -> None:
             "give the layer's folder (the one holding 'info')"
         )
     if url.kind == "zarr" and not any(os.path.isfile(os.path.join(path, m)) for m in _ZARR_METADATA):
+        children = _child_volumes(path)
+        if children:
+            raise _not_one_volume(text, children)
         raise StorageError(
             f"cannot view {text!r}: {path} is not a volume: it has neither a precomputed 'info' file nor zarr "
             f"metadata ({', '.join(_ZARR_METADATA)}); give a precomputed layer, a zarr array or an OME-Zarr group"
         )
+
+
+def _child_volumes(path: str) -> list[str]:
+    """Names of the folders directly inside `path` that hold a precomputed layer or zarr data."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return []
+    markers = ("info", *_ZARR_METADATA)
+    return [n for n in names if any(os.path.isfile(os.path.join(path, n, m)) for m in markers)]
+
+
+def _not_one_volume(text: str, children: list[str]) -> StorageError:
+    examples = " ".join(f"{text.rstrip('/')}/{c}" for c in children)
+    return StorageError(f"cannot view {text!r}: it holds volumes but is not one; name them instead: {examples}")
 
 
 def _visible_segments(properties_location: str) -> tuple[tuple[int, ...], bool]:
@@ -90,7 +108,13 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
         url = parse_volume_url(text)
         if url.is_local:
             _check_local(url, text)
-        volume = open_volume(url)
+        try:
+            volume = open_volume(url)
+        except StorageError as err:
+            children = _child_volumes(url.local_path) if url.is_local else []
+            if not children:
+                raise
+            raise _not_one_volume(text, children) from err
         meta = volume.meta
         zarr_axes: tuple[str, ...] = ()
         plain_zarr = False
