@@ -42,6 +42,7 @@ const viewer = window.viewer;
 if (!viewer) return null;
 return {
   ready: viewer.isReady(),
+  dimensions: Object.keys(viewer.state.toJSON().dimensions || {}),
   layers: viewer.layerManager.managedLayers.map(l => ({
     name: l.name,
     ready: l.isReady(),
@@ -82,36 +83,39 @@ def driver(tmp_path: Path) -> Iterator[Any]:
 
 
 def _demo_outputs(out: Path) -> tuple[list[str], int]:
-    """Raw (precomputed), probabilities (OME-Zarr) and instances (both formats) with pyramids and meshes."""
+    """The demo's layout: its synthetic input (a plain zarr array), probabilities as OME-Zarr and precomputed,
+    instances in both formats; outputs with pyramids, instances with meshes and segment properties."""
     from distributed import Client
     from scipy import ndimage
 
-    from pipeline.synthetic import generate_volume
+    from pipeline.synthetic import generate_volume, write_volume_zarr
     from pipeline.viewing.meshes import add_meshes
     from pipeline.viewing.pyramid import add_pyramid
     from pipeline.volumes import VolumeMeta, create_volume
 
     raw, mask = generate_volume((32, 128, 128), seed=3)
+    write_volume_zarr(out / "em.zarr", raw, mask, resolution_nm=(5.0, 5.0, 5.0))
     labels, count = ndimage.label(mask)
     smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
     probs = np.stack([smooth, np.clip(4 * ndimage.gaussian_gradient_magnitude(smooth, 1.0), 0, 1)])
     meta = VolumeMeta(shape=raw.shape, dtype=np.dtype(np.uint8), chunks=(16, 64, 64), voxel_size_nm=(5.0, 5.0, 5.0))
-    urls = [
-        f"precomputed://file://{out}/raw",
-        f"zarr://file://{out}/out.zarr/probs",
+    outputs = [
+        f"zarr://file://{out}/prediction.zarr/probs",
+        f"precomputed://file://{out}/prediction_precomputed",
         f"precomputed://file://{out}/instances",
-        f"zarr://file://{out}/out.zarr/instances",
+        f"zarr://file://{out}/prediction.zarr/instances",
     ]
-    create_volume(urls[0], meta).write(meta.roi, raw[None])
-    create_volume(urls[1], meta.derive(num_channels=2)).write(meta.roi, np.rint(probs * 255).astype(np.uint8))
-    for url in urls[2:]:
+    for url in outputs[:2]:
+        create_volume(url, meta.derive(num_channels=2)).write(meta.roi, np.rint(probs * 255).astype(np.uint8))
+    for url in outputs[2:]:
         labels_meta = meta.derive(dtype=np.uint64, layer_type="segmentation")
         create_volume(url, labels_meta).write(meta.roi, labels[None].astype(np.uint64))
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
-        for url in urls:
+        for url in outputs:
             assert add_pyramid(client, url, min_chunks_across=1, progress=False).ok
-        for url in urls[2:]:
+        for url in outputs[2:]:
             assert add_meshes(client, url, progress=False).ok
+    urls = [str(out / "em.zarr" / "raw"), *outputs]
     return urls, int(count)
 
 
@@ -174,15 +178,17 @@ def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, tmp_path: Path)
         driver.save_screenshot(str(screenshot))
         state = driver.execute_script(LAYER_STATE_JS)
 
-    assert [layer["name"] for layer in state["layers"]] == ["raw", "probs", "instances", "instances_2"]
+    names = ["raw", "probs", "prediction_precomputed", "instances", "instances_2"]
+    assert [layer["name"] for layer in state["layers"]] == names
     errors = [(layer["name"], s) for layer in state["layers"] for s in layer["sources"] if s != "ok"]
     assert not errors, f"data sources failed to load: {errors}"
     assert not any("rror" in message for message in state["statusMessages"]), state["statusMessages"]
     listed = [re.search(r"(\d+) vis/(\d+) total", text) for text in state["segmentStatus"]]
     assert listed and listed[0] and int(listed[0].group(2)) == objects, state["segmentStatus"]
-    pixels = np.asarray(Image.open(screenshot).convert("L"))
-    panel = pixels[60:380, 20:500]  # the top-left (xy) panel of the 4-panel layout
-    assert panel.std() > 10, f"the xy panel looks empty; see {screenshot}"
+    assert state["dimensions"] == ["x", "y", "z"], state["dimensions"]
+    panel = np.asarray(Image.open(screenshot).convert("RGB"))[60:380, 20:500].astype(int)  # top-left: xy
+    grey = panel[(np.ptp(panel, axis=-1) < 8)][:, 0]
+    assert len(np.unique(grey)) > 50, f"no EM texture in the xy panel; see {screenshot}"
 
 
 def _first_bright_column(driver: Any, path: Path) -> int:

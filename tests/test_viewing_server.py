@@ -91,8 +91,25 @@ def test_plain_zarr_array_is_marked(tmp_path: Path) -> None:
     array = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 8, 8), chunks=(4, 8, 8), dtype="uint8")
     array.attrs.update({"resolution_nm": [30, 4, 4], "voxel_offset": [1, 2, 3]})
     (layer,) = open_layers([str(tmp_path / "plain.zarr")])
-    assert layer.plain_zarr and layer.zarr_axes == ("z", "y", "x")
+    assert layer.plain_zarr_names == ("dim_0", "dim_1", "dim_2") and layer.zarr_axes == ("z", "y", "x")
     assert (layer.meta.voxel_size_nm, layer.meta.voxel_offset) == ((30.0, 4.0, 4.0), (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("zarr_format", "kwargs", "names"),
+    [
+        (2, {}, ("d0", "d1", "d2")),
+        (2, {"attributes": {"_ARRAY_DIMENSIONS": ["z", "y", "x"]}}, ("z", "y", "x")),
+        (3, {"dimension_names": ["z", "y", "x"]}, ("z", "y", "x")),
+    ],
+)
+def test_neuroglancer_names_of_plain_arrays(tmp_path: Path, zarr_format: int, kwargs: dict, names: tuple) -> None:
+    import zarr
+
+    path = str(tmp_path / "plain.zarr")
+    zarr.create_array(path, shape=(4, 8, 8), chunks=(4, 8, 8), dtype="uint8", zarr_format=zarr_format, **kwargs)
+    (layer,) = open_layers([path])
+    assert layer.plain_zarr_names == names
 
 
 def test_layers_named_and_companions_found(tmp_path: Path) -> None:
@@ -106,7 +123,7 @@ def test_layers_named_and_companions_found(tmp_path: Path) -> None:
     layers = open_layers([raw, seg])
     assert [layer.name for layer in layers] == ["raw", "raw_2"]
     assert layers[1].mesh_companion == "meshes" and layers[1].segments == (4, 3, 9)
-    assert layers[1].zarr_axes == ("c", "z", "y", "x") and not layers[1].plain_zarr
+    assert layers[1].zarr_axes == ("c", "z", "y", "x") and not layers[1].plain_zarr_names
     spec = layers[1].spec("http://127.0.0.1:1")
     assert spec.source == "zarr://http://127.0.0.1:1/raw_2"
     assert spec.extra_sources == ("precomputed://http://127.0.0.1:1/raw_2/meshes",)

@@ -73,11 +73,11 @@ def test_state_dimensions_position_and_layers() -> None:
 
 
 def test_plain_zarr_array_gets_voxel_size_and_offset_from_the_transform() -> None:
-    spec = LayerSpec("raw", "zarr://http://h/raw", RAW, zarr_axes=("z", "y", "x"), plain_zarr=True)
+    spec = LayerSpec("raw", "zarr://h/raw", RAW, zarr_axes=("z", "y", "x"), plain_zarr_names=("d0", "d1", "d2"))
     transform = build_state([spec])["layers"][0]["source"]["transform"]
     assert transform["matrix"] == [[1, 0, 0, 10], [0, 1, 0, 20], [0, 0, 1, 30]]
-    expected = {"z": [30e-9, "m"], "y": [8e-9, "m"], "x": [4e-9, "m"]}
-    assert transform["inputDimensions"] == transform["outputDimensions"] == expected
+    assert transform["outputDimensions"] == {"z": [30e-9, "m"], "y": [8e-9, "m"], "x": [4e-9, "m"]}
+    assert transform["inputDimensions"] == {"d0": [30e-9, "m"], "d1": [8e-9, "m"], "d2": [4e-9, "m"]}
 
 
 def test_single_channel_float_overlay() -> None:

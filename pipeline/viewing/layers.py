@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import StorageError
 from pipeline.viewing.meshes import ZARR_COMPANION
@@ -26,7 +27,7 @@ class ViewLayer:
     url: VolumeURL
     meta: VolumeMeta
     zarr_axes: tuple[str, ...] = ()
-    plain_zarr: bool = False
+    plain_zarr_names: tuple[str, ...] = ()
     mesh_companion: str | None = None
     """Path of the precomputed meshes folder of a zarr segmentation, relative to the volume."""
     segments: tuple[int, ...] = ()
@@ -39,7 +40,7 @@ class ViewLayer:
         if self.mesh_companion:
             base = served if served else self.url.location
             extra = (f"precomputed://{base}/{self.mesh_companion}",)
-        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.plain_zarr, extra, self.segments)
+        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.plain_zarr_names, extra, self.segments)
 
 
 def _check_local(url: VolumeURL, text: str) -> None:
@@ -59,6 +60,15 @@ def _check_local(url: VolumeURL, text: str) -> None:
             f"cannot view {text!r}: {path} is not a volume: it has neither a precomputed 'info' file nor zarr "
             f"metadata ({', '.join(_ZARR_METADATA)}); give a precomputed layer, a zarr array or an OME-Zarr group"
         )
+
+
+def _neuroglancer_dimension_names(array: Any) -> tuple[str, ...]:
+    """The names Neuroglancer gives the dimensions of a plain zarr array: zarr v3 `dimension_names` or the v2
+    `_ARRAY_DIMENSIONS` attribute, else `d<i>` (v2) or `dim_<i>` (v3)."""
+    v2 = array.metadata.zarr_format == 2
+    names = array.attrs.get("_ARRAY_DIMENSIONS") if v2 else array.metadata.dimension_names
+    names = list(names or [None] * array.ndim)
+    return tuple(str(n) if n else f"{'d' if v2 else 'dim_'}{i}" for i, n in enumerate(names))
 
 
 def _child_volumes(path: str) -> list[str]:
@@ -117,10 +127,11 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
             raise _not_one_volume(text, children) from err
         meta = volume.meta
         zarr_axes: tuple[str, ...] = ()
-        plain_zarr = False
+        plain_zarr_names: tuple[str, ...] = ()
         if isinstance(volume, ZarrVolume):
             zarr_axes = tuple(volume.axes)
-            plain_zarr = volume.node is volume.array
+            if volume.node is volume.array:
+                plain_zarr_names = _neuroglancer_dimension_names(volume.array)
         companion = None
         segments: tuple[int, ...] = ()
         if meta.layer_type == "segmentation":
@@ -131,5 +142,5 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
             else:
                 segments, found = _visible_segments(f"{url.location}/{ZARR_COMPANION}/segment_properties")
                 companion = ZARR_COMPANION if found else None
-        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, plain_zarr, companion, segments))
+        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, plain_zarr_names, companion, segments))
     return layers

@@ -29,8 +29,9 @@ class LayerSpec:
     meta: VolumeMeta
     zarr_axes: tuple[str, ...] = ()
     """Stored axis order of a zarr source (e.g. c, z, y, x); empty for precomputed."""
-    plain_zarr: bool = False
-    """A zarr array without OME-Zarr metadata: Neuroglancer learns its voxel size and offset from the state."""
+    plain_zarr_names: tuple[str, ...] = ()
+    """Neuroglancer's names for the dimensions of a zarr array without OME-Zarr metadata (empty otherwise):
+    such an array gets its voxel size and offset from the state."""
     extra_sources: tuple[str, ...] = ()
     """More data sources of the layer, e.g. the precomputed meshes and segment properties of a zarr segmentation."""
     segments: tuple[int, ...] = ()
@@ -81,9 +82,9 @@ def _source(spec: LayerSpec, channel_name: str) -> dict[str, Any] | str:
 
     outputs = {(channel_name if a == "c" else a): scale(a) for a in spec.zarr_axes}
     transform: dict[str, Any] = {"outputDimensions": outputs}
-    if spec.plain_zarr:
+    if spec.plain_zarr_names:
         rank = len(spec.zarr_axes)
-        transform["inputDimensions"] = outputs
+        transform["inputDimensions"] = dict(zip(spec.plain_zarr_names, outputs.values(), strict=True))
         transform["matrix"] = [
             [1 if j == i else 0 for j in range(rank)] + [offset.get(a, 0)] for i, a in enumerate(spec.zarr_axes)
         ]
