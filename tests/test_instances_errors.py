@@ -60,16 +60,17 @@ def test_missing_input_is_a_storage_error(tmp_path):
         run_instances(cfg, NoClient(), progress=False)
 
 
-def test_existing_output_of_another_shape_is_refused_when_resuming(tmp_path):
+@pytest.mark.parametrize(
+    ("shape", "dtype", "pattern"),
+    [((8, 16, 8), np.uint64, "exists with shape \\(8, 16, 8\\)"), ((8, 16, 16), np.float32, "channel of uint64")],
+)
+def test_existing_output_of_another_shape_or_type_is_refused_when_resuming(tmp_path, shape, dtype, pattern):
     source = write(str(tmp_path / "probs.zarr"))
-    state = tmp_path / "seg.zarr"
-    write(str(state), shape=(8, 16, 8), dtype=np.uint64, layer="segmentation")
-    from pipeline.instances.run import _open_or_create
-
-    meta = open_volume(source).meta.derive(dtype=np.uint64, layer_type="segmentation")
-    with pytest.raises(GeometryError, match="exists with shape \\(8, 16, 8\\).*resume switched off"):
-        _open_or_create(str(state), meta, reuse=True)
-    assert _open_or_create(str(state), meta, reuse=False)[0].meta.shape == (8, 16, 16)
+    output = str(tmp_path / "seg.zarr")
+    write(output, shape=shape, dtype=dtype)
+    cfg = InstancesConfig(input=source, output=output)
+    with pytest.raises(GeometryError, match=pattern + ".*--no-resume"):
+        run_instances(cfg, NoClient(), progress=False)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.config.instances import DecodeConfig, InstancesConfig
-from pipeline.errors import ConfigError, GeometryError
+from pipeline.errors import ConfigError, GeometryError, StorageError
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.instances.ids import check_id_space, id_stride
 from pipeline.instances.measure import ObjectStats, object_table, write_table
@@ -95,6 +95,11 @@ def resolve_decode(cfg: DecodeConfig, source: Volume) -> DecodeConfig:
     return cfg.model_copy(update={"method": method, "threshold": threshold})
 
 
+def label_meta(meta: VolumeMeta, dtype: str) -> VolumeMeta:
+    """The metadata of a label volume over the input: one channel, same geometry, segmentation layer."""
+    return meta.derive(dtype=np.dtype(dtype), num_channels=1, layer_type="segmentation")
+
+
 def block_shape_for(config: InstancesConfig, chunks: tuple[int, int, int]) -> tuple[int, int, int]:
     """The configured block, or the whole-chunk block nearest `DEFAULT_BLOCK`."""
     if config.block_size is not None:
@@ -102,22 +107,30 @@ def block_shape_for(config: InstancesConfig, chunks: tuple[int, int, int]) -> tu
     return tuple(c * max(1, round(t / c)) for t, c in zip(DEFAULT_BLOCK, chunks, strict=True))  # type: ignore[return-value]
 
 
+def _existing(url: str, meta: VolumeMeta) -> Volume | None:
+    """An existing volume at `url` of the geometry and type of `meta`; None when there is none.
+
+    An existing volume of another shape or type is refused: resuming into it would mix two jobs.
+    """
+    try:
+        existing = open_volume(url, mode="r+")
+    except StorageError:
+        return None
+    got = existing.meta
+    if (got.shape, got.dtype, got.num_channels) != (meta.shape, meta.dtype, meta.num_channels):
+        raise GeometryError(
+            f"{url} exists with shape {got.shape}, {got.num_channels} channel(s) of {got.dtype}, but this job "
+            f"writes shape {meta.shape}, {meta.num_channels} channel of {meta.dtype}; choose another output or run "
+            "with resume switched off (--no-resume) to replace it"
+        )
+    return existing
+
+
 def _open_or_create(url: str, meta: VolumeMeta, reuse: bool) -> tuple[Volume, bool]:
-    """Reuse an existing volume with the same geometry and type when `reuse`, else create it; say if reused."""
-    if reuse:
-        try:
-            existing = open_volume(url, mode="r+")
-        except Exception:  # absent or unreadable: make a new one
-            existing = None
-        if existing is not None:
-            got = existing.meta
-            if (got.shape, got.dtype, got.num_channels) != (meta.shape, meta.dtype, meta.num_channels):
-                raise GeometryError(
-                    f"{url} exists with shape {got.shape}, {got.num_channels} channel(s) of {got.dtype}, but this "
-                    f"job writes shape {meta.shape}, 1 channel of {meta.dtype}; choose another output or run "
-                    "with resume switched off to replace it"
-                )
-            return existing, True
+    """Reuse a compatible existing volume when `reuse`, else create it; say whether it was reused."""
+    existing = _existing(url, meta) if reuse else None
+    if existing is not None:
+        return existing, True
     return create_volume(url, meta), False
 
 
@@ -195,6 +208,8 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region)
     check_id_space(plan.num_blocks, id_stride(block_shape))
     output = parse_volume_url(config.output)
+    if config.resume:
+        _existing(str(output), label_meta(meta, config.dtype))
     job = InstancesJob(config, meta, str(source.url), str(output), decode, region, block_shape, plan, "", "")
     key = job_key(stage="instances", chunks=meta.chunks, **job.record())
     return replace(job, key=key, state=f"{state_location(output.location)}/instances/{key}")
@@ -205,9 +220,8 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     job = config if isinstance(config, InstancesJob) else prepare_instances(config)
     cfg, plan, meta, state = job.config, job.plan, job.meta, job.state
     output_location = parse_volume_url(job.output_url).location
-    label_meta = meta.derive(dtype=np.uint64, num_channels=1, layer_type="segmentation")
     scratch_url = f"zarr://{state}/provisional"
-    _, scratch_reused = _open_or_create(scratch_url, label_meta, cfg.resume)
+    _, scratch_reused = _open_or_create(scratch_url, label_meta(meta, "uint64"), cfg.resume)
     resume = cfg.resume and scratch_reused
     stride = id_stride(job.block_shape)
     spec = StageSpec(job.input_url, scratch_url, f"{state}/blocks", job.region, stride, job.decode, uuid.uuid4().hex)
@@ -236,7 +250,7 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     result.border_ids = merged.border_ids
 
     clock = time.perf_counter()
-    target, reused = _open_or_create(job.output_url, label_meta.derive(dtype=cfg.dtype), resume)
+    target, reused = _open_or_create(job.output_url, label_meta(meta, cfg.dtype), resume)
     task = RelabelTask(spec, job.output_url, cfg.dtype)
     result.relabel = _run_pass(client, plan, task, markers["relabel"], resume and reused, "relabel", progress)
     result.seconds["relabel"] = time.perf_counter() - clock
