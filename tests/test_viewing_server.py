@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -103,7 +104,9 @@ def test_plain_zarr_array_is_marked(tmp_path: Path) -> None:
         (3, {"dimension_names": ["z", "y", "x"]}, ("z", "y", "x")),
     ],
 )
-def test_neuroglancer_names_of_plain_arrays(tmp_path: Path, zarr_format: int, kwargs: dict, names: tuple) -> None:
+def test_neuroglancer_names_of_plain_arrays(
+    tmp_path: Path, zarr_format: Literal[2, 3], kwargs: dict[str, Any], names: tuple[str, ...]
+) -> None:
     import zarr
 
     path = str(tmp_path / "plain.zarr")
