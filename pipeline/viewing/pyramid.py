@@ -20,6 +20,8 @@ from pipeline.errors import StorageError
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.plan import plan_blocks
 from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
+from pipeline.volumes.precomputed_volume import PrecomputedVolume
+from pipeline.volumes.zarr_volume import ZarrVolume, ome_multiscales_attrs
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ def _precomputed_scales(info: dict[str, Any], meta: VolumeMeta, levels: list[Lev
     return scales
 
 
-def _prepare_precomputed(volume: Any, levels: list[Level]) -> None:
+def _prepare_precomputed(volume: PrecomputedVolume, levels: list[Level]) -> None:
     """Replace the layer's scales above 0 by `levels` in its `info`."""
     info = dict(volume.cv.info)
     info["scales"] = _precomputed_scales(info, volume.meta, levels)
@@ -170,19 +172,17 @@ def _prepare_precomputed(volume: Any, levels: list[Level]) -> None:
     volume.cv.commit_info()
 
 
-def _prepare_zarr(volume: Any, levels: list[Level]) -> None:
+def _prepare_zarr(volume: ZarrVolume, levels: list[Level]) -> None:
     """Create arrays s1.. in the OME-Zarr group and rewrite its `multiscales` metadata."""
     import zarr
 
-    from pipeline.volumes.zarr_volume import ome_multiscales_attrs
-
     group = volume.node
-    if not isinstance(group, zarr.Group):
+    if not isinstance(group, zarr.Group) or "c" not in volume.axes:
         raise StorageError(
-            f"{volume.url} is a plain zarr array; a pyramid needs an OME-Zarr multiscale group "
-            "(write the output with create_volume, which makes one)"
+            f"{volume.url} is not an OME-Zarr group with axes c, z, y, x; a pyramid is added to the groups that "
+            "mitoseg writes (create_volume makes one)"
         )
-    meta: VolumeMeta = volume.meta
+    meta = volume.meta
     base = volume.array
     fmt = base.metadata.zarr_format
     for level in levels:
@@ -228,9 +228,9 @@ def add_pyramid(
     if not levels:
         log.info("%s is already within %d chunks across; no pyramid needed", url, min_chunks_across)
         return result
-    if parsed.kind == "precomputed":
+    if isinstance(volume, PrecomputedVolume):
         _prepare_precomputed(volume, levels)
-    else:
+    elif isinstance(volume, ZarrVolume):
         _prepare_zarr(volume, levels)
     method: Method = "mode" if meta.layer_type == "segmentation" else "mean"
     for level in levels:
