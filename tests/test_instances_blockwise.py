@@ -17,7 +17,7 @@ from pipeline.synthetic import generate_volume
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
 SHAPE = (16, 28, 30)  # not a multiple of any block below
-CHUNKS = (4, 4, 4)
+CHUNKS = (4, 4, 8)
 BLOCKS = [(8, 8, 8), (4, 12, 16), (12, 16, 8)]
 WHOLE = (16, 28, 32)  # one block over the whole volume: the reference decoding
 VOXEL_NM = (8.0, 4.0, 4.0)
