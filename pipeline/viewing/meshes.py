@@ -79,7 +79,7 @@ class MeshBlock:
         labels = volume.read(read)[0]
         ids, counts = fastremap.unique(labels[tuple(slice(0, s) for s in write.shape)], return_counts=True)
         sizes = {int(i): int(n) for i, n in zip(ids, counts, strict=True) if i != 0}
-        if not sizes:
+        if not labels.any():  # an object only in the extra voxels still needs this block's faces
             return {}
         # zeros outside the volume border close the meshes there; inner faces stay open and meet their neighbour
         low = [1 if b == 0 else 0 for b in read.begin]
