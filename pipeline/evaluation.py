@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,3 +111,22 @@ def evaluate_semantic(prediction_url: str, truth_url: str, threshold: float | No
         pred = binarise(pred_vol.read(roi)[0], threshold)
         total = total + count(pred, truth_vol.read(roi)[0] > 0)
     return {**total.scores(), "threshold": float(threshold)}
+
+
+MetricProvider = Callable[[str, str, float], dict[str, float]]
+_PROVIDERS: list[MetricProvider] = []
+
+
+def register_metrics(provider: MetricProvider) -> MetricProvider:
+    """Add a metric family (e.g. instance metrics) to `evaluate_all`; usable as a decorator."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+    return provider
+
+
+def evaluate_all(prediction_url: str, truth_url: str, threshold: float | None = None) -> dict[str, float]:
+    """Semantic scores plus those of every registered provider (called with the resolved threshold)."""
+    scores = evaluate_semantic(prediction_url, truth_url, threshold)
+    for provider in _PROVIDERS:
+        scores.update(provider(prediction_url, truth_url, scores["threshold"]))
+    return scores

@@ -43,21 +43,25 @@ def _uncertainty_pick(prob: torch.Tensor, count: int, cfg: SamplingConfig, gen: 
 
 def _misclassified_pick(prob: torch.Tensor, truth: torch.Tensor, count: int,
                         gen: torch.Generator) -> torch.Tensor:
-    """Half misclassified, half correctly classified voxels, split evenly between the two classes."""
-    flat_p, flat_t = prob.flatten(), truth.flatten()
-    wrong = (flat_p >= 0.5) != (flat_t > 0)
-    picks = []
-    per_group = max(1, count // 4)
+    """Half misclassified, half correctly classified voxels, each half split evenly over the classes
+    present in it; a half with no voxels at all gives its share to the other half."""
+    flat_p, flat_t = prob.flatten(), truth.flatten() > 0
+    wrong = (flat_p >= 0.5) != flat_t
+    halves = []
     for is_wrong in (True, False):
-        for cls in (True, False):
-            pool = torch.nonzero((wrong == is_wrong) & ((flat_t > 0) == cls)).flatten()
-            if pool.numel():
-                picks.append(pool[torch.randint(pool.numel(), (per_group,), generator=gen, device=pool.device)])
-    out = torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=prob.device)
-    missing = count - out.numel()
-    if missing > 0:
-        out = torch.cat([out, torch.randint(flat_p.numel(), (missing,), generator=gen, device=prob.device)])
-    return out[:count]
+        pools = [torch.nonzero((wrong == is_wrong) & (flat_t == cls)).flatten() for cls in (True, False)]
+        halves.append([pool for pool in pools if pool.numel()])
+    quotas = [count // 2, count - count // 2]
+    if not halves[0]:
+        quotas = [0, count]
+    elif not halves[1]:
+        quotas = [count, 0]
+    picks = []
+    for pools, quota in zip(halves, quotas, strict=True):
+        for i, pool in enumerate(pools):
+            share = quota // len(pools) + (1 if i < quota % len(pools) else 0)
+            picks.append(pool[torch.randint(pool.numel(), (share,), generator=gen, device=pool.device)])
+    return torch.cat(picks)
 
 
 def sample_points(prob: torch.Tensor, truth: torch.Tensor, cfg: SamplingConfig,

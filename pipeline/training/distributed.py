@@ -57,6 +57,17 @@ def broadcast_object(value: object, info: DistInfo) -> object:
     return box[0]
 
 
+def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers (batch-norm running statistics) over ranks, so that every rank
+    holds the same complete model; gradients keep the parameters identical already."""
+    if not info.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= info.world_size
+
+
 def teardown(info: DistInfo) -> None:
     """Destroy the process group if this module created one."""
     if info.distributed and dist.is_initialized():

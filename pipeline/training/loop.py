@@ -38,6 +38,7 @@ class TrainResult:
     best_jaccard: float | None
     best_checkpoint: Path | None
     last_checkpoint: Path
+    network: ResUNet
 
 
 class TrainStep(nn.Module):
@@ -106,12 +107,21 @@ def compute_loss(logits: torch.Tensor, extra: dict[str, torch.Tensor] | None, la
     return total, terms
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def schedule_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """Fraction of the schedule done: by iterations, or by the wall-clock budget if that is further."""
+    oc = cfg.optim
+    progress = (step - oc.warmup_iterations) / max(1, oc.iterations - oc.warmup_iterations)
+    if oc.time_budget_minutes is not None:
+        progress = max(progress, elapsed_s / (60 * oc.time_budget_minutes))
+    return min(1.0, max(0.0, progress))
+
+
+def lr_factor(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     """Linear warm-up then cosine decay to min_lr, as a factor of the peak lr."""
     oc = cfg.optim
     if step < oc.warmup_iterations:
         return (step + 1) / oc.warmup_iterations
-    progress = min(1.0, (step - oc.warmup_iterations) / max(1, oc.iterations - oc.warmup_iterations))
+    progress = schedule_progress(step, elapsed_s, cfg)
     floor = oc.min_lr / oc.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -233,10 +243,15 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
             module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             find_unused_parameters=no_contrastive)
     optimizer = make_optimizer(list(network.parameters()), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    elapsed_before = 0.0
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
+        elapsed_before = float(payload["scheduler"]["elapsed_s"])
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        """Training wall time over all runs of this schedule, agreed by all ranks."""
+        return float(distributed.broadcast_object(elapsed_before + time.perf_counter() - started, info))
     stop = min(cfg.optim.iterations, max_iterations or cfg.optim.iterations)
     use_amp = cfg.mixed_precision and info.device.type == "cuda"
     metrics = MetricsLog(out) if info.is_main else None
@@ -249,15 +264,25 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
         metadata = {"train_config": cfg.model_dump(mode="json"), "step": step, "scores": scores,
                     "split": cfg.data.split_name, "world_size": info.world_size}
         save_checkpoint(path, network_config=cfg.network, state_dict=network.state_dict(),
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step,
+                        optimizer=optimizer.state_dict(), scheduler={"step": step, "elapsed_s": now_elapsed},
+                        step=step,
                         threshold=threshold, patch_shape=list(cfg.val_patch_shape), best_jaccard=best,
                         metadata=metadata)
 
     progress, task = _progress(stop, step, info.is_main and sys.stderr.isatty())
     network.train()
     tick, seen, last_scores = time.perf_counter(), 0, None
+    now_elapsed = elapsed_before
+
+    def done() -> bool:
+        return step >= stop or (step > cfg.optim.warmup_iterations and schedule_progress(step, now_elapsed, cfg) >= 1)
+
+    finished = done()
     with progress:
-        while step < stop:
+        while not finished:
+            now_elapsed = elapsed()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * lr_factor(step, cfg, now_elapsed)
             rng = np.random.default_rng([cfg.seed, info.rank, step])
             gen = torch.Generator(device=info.device).manual_seed(int(rng.integers(2**62)))
             raw_np, label_np = sampler.batch(cfg.data.batch_size, rng)
@@ -273,10 +298,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
             if cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(network.parameters(), cfg.optim.grad_clip)
             optimizer.step()
-            scheduler.step()
             step += 1
             seen += cfg.data.batch_size * info.world_size
-            if info.is_main and (step % cfg.log_every == 0 or step == stop):
+            now_elapsed = elapsed()
+            finished = done()
+            if info.is_main and (step % cfg.log_every == 0 or finished):
                 now = time.perf_counter()
                 terms.update(lr=optimizer.param_groups[0]["lr"], patches_per_s=seen / max(now - tick, 1e-9))
                 tick, seen = now, 0
@@ -285,7 +311,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
                 progress.update(task, completed=step, info=text)
                 if progress.disable:
                     logger.info("step %d/%d %s", step, stop, text)
-            if val_regions and (step % cfg.val_every == 0 or step == stop):
+            if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished:
+                distributed.average_buffers(network, info)
+            if val_regions and (step % cfg.val_every == 0 or finished):
                 threshold, scores = validate(network, val_regions, cfg, info.device)
                 last_scores = {**scores, "threshold": threshold}
                 metrics.write("val", step, last_scores)  # type: ignore[union-attr]
@@ -293,10 +321,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
                 if best is None or scores["jaccard"] > best:
                     best, best_threshold = scores["jaccard"], threshold
                     checkpoint(best_path, threshold, last_scores)
-            if info.is_main and (step % cfg.checkpoint_every == 0 or step == stop):
+            if info.is_main and (step % cfg.checkpoint_every == 0 or finished):
                 checkpoint(last_path, best_threshold, last_scores)
             if step % cfg.checkpoint_every == 0:
                 distributed.barrier(info)
     if metrics is not None:
         metrics.close()
-    return TrainResult(step, best, best_path if best_path.exists() else None, last_path)
+    return TrainResult(step, best, best_path if best_path.exists() else None, last_path, network)

@@ -1,0 +1,72 @@
+"""Checkpoints: round trip, content hash, and clear errors for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config.network import NetworkConfig
+from pipeline.errors import ModelLoadError
+from pipeline.model import build_network
+
+
+def _save(path: Path, **extra) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(0)
+    cfg = NetworkConfig(widths=[4, 8], out_channels=2, embedding_dim=8)
+    net = build_network(cfg)
+    digest = save_checkpoint(path, network_config=cfg, state_dict=net.state_dict(), **extra)
+    return net.eval(), digest
+
+
+def test_round_trip_rebuilds_the_same_network(tmp_path: Path) -> None:
+    net, digest = _save(tmp_path / "c.pt", threshold=0.7, patch_shape=[8, 32, 32],
+                        metadata={"step": 3, "scores": {"jaccard": 0.5}})
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.content_hash == digest and len(digest) == 64
+    assert loaded.threshold == 0.7 and loaded.patch_shape == (8, 32, 32)
+    assert loaded.metadata["scores"]["jaccard"] == 0.5
+    assert not loaded.network.training and loaded.network.projection is None
+    x = torch.rand(1, 1, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), net(x))
+
+
+def test_defaults_and_export_keep_the_hash(tmp_path: Path) -> None:
+    _, digest = _save(tmp_path / "c.pt", optimizer={"state": {}})
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.threshold == 0.5 and loaded.metadata == {}
+    assert export_checkpoint(tmp_path / "c.pt", tmp_path / "small.pt") == digest
+    small = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert "optimizer" not in small and not any(k.startswith("projection.") for k in small["state_dict"])
+    assert load_checkpoint(tmp_path / "small.pt").content_hash == digest
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        ("missing", "does not exist"),
+        ("garbage", "cannot be read"),
+        ("foreign", "not a mitoseg checkpoint"),
+        ("tampered", "corrupt"),
+        ("bad_patch", "not divisible"),
+    ],
+)
+def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage: str, pattern: str) -> None:
+    path = tmp_path / "c.pt"
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif damage == "tampered":
+        _save(path)
+        payload = torch.load(path, weights_only=True)
+        payload["state_dict"]["head.weight"] += 1
+        torch.save(payload, path)
+    elif damage == "bad_patch":
+        _save(path, patch_shape=[8, 31, 31])
+    with pytest.raises(ModelLoadError, match=pattern) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)

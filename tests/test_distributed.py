@@ -1,0 +1,44 @@
+"""Two-process torchrun on CPU (gloo): both ranks end with identical weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pipeline.config.train import TrainConfig
+    from pipeline.training.loop import train
+
+    cfg = TrainConfig.model_validate_json(open(sys.argv[1]).read())
+    result = train(cfg)
+    torch.save(result.network.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+    """
+)
+
+
+def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
+    from tests.test_training import tiny_config
+
+    cfg = tiny_config(tmp_path, optim={"iterations": 4}, checkpoint_every=2)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    (tmp_path / "run_rank.py").write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "run_rank.py"), str(tmp_path / "cfg.json"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert initial["step"] == 4 and initial["metadata"].count('"world_size": 2') == 1
+    for key, value in rank0.items():
+        torch.testing.assert_close(rank1[key], value, rtol=0, atol=0, msg=key)

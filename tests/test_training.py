@@ -1,0 +1,124 @@
+"""Training: the loss goes down, resume is exact, bad input fails before any step, configs validate."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config.train import TrainConfig
+from pipeline.errors import ConfigError, GeometryError
+from pipeline.synthetic import generate_volume, write_volume_zarr
+from pipeline.training import load_train_config
+from pipeline.training.loop import train
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*train*.yaml")) + sorted(
+    (Path(__file__).resolve().parents[1] / "configs").glob("lucchi*.yaml")
+)
+
+
+def tiny_config(tmp_path: Path, **overrides: object) -> TrainConfig:
+    """A tiny network on a tiny synthetic volume (generated on first use), fast on 2 cores."""
+    data = {
+        "volumes": [{
+            "raw": str(tmp_path / "syn.zarr" / "raw"), "label": str(tmp_path / "syn.zarr" / "label"),
+            "synthetic": {"shape": [16, 64, 64], "seed": 0},
+            "train": {"z": [0, 12]}, "validation": {"z": [12, 16]},
+        }],
+        "patch_shape": [8, 32, 32],
+    }
+    base: dict = {
+        "output_dir": str(tmp_path / "run"), "num_threads": 1, "data": data,
+        "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
+        "loss": {"contrastive_warmup": 2, "sampling": {"num_points": 64}},
+        "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 8},
+        "augment": {"elastic": 0.0},
+        "log_every": 1, "checkpoint_every": 2, "val_every": 100, "val_patch_shape": [8, 32, 32],
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.model_validate(base)
+
+
+def _losses(run: Path) -> list[float]:
+    with (run / "train.csv").open() as handle:
+        return [float(row["seg"]) for row in csv.DictReader(handle)]
+
+
+def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, optim={"iterations": 30, "min_lr": 0.01}, augment={"flip": False, "rot90": False,
+                                                                                     "intensity": 0.0})
+    result = train(cfg)
+    losses = _losses(tmp_path / "run")
+    assert result.step == 30 and len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert result.best_jaccard is not None and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_resume_continues_the_same_schedule_exactly(tmp_path: Path) -> None:
+    straight = train(tiny_config(tmp_path / "a"))
+    cfg_b = tiny_config(tmp_path / "b")
+    first = train(cfg_b, max_iterations=4)
+    assert first.step == 4
+    payload = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    assert payload["step"] == 4
+    resumed = train(cfg_b, resume=True)
+    assert resumed.step == 8
+    for key, value in straight.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny_config(tmp_path), resume=True)
+
+
+def test_label_shape_mismatch_fails_before_any_step(tmp_path: Path) -> None:
+    raw, label = generate_volume((16, 64, 64), seed=0)
+    write_volume_zarr(tmp_path / "a.zarr", raw, label)
+    write_volume_zarr(tmp_path / "b.zarr", raw[:, :, :60], label[:, :, :60])
+    cfg = tiny_config(tmp_path)
+    cfg.data.volumes[0].raw, cfg.data.volumes[0].label = str(tmp_path / "a.zarr/raw"), str(tmp_path / "b.zarr/label")
+    cfg.data.volumes[0].synthetic = None
+    with pytest.raises(GeometryError, match=r"label volume .* has shape \(16, 64, 60\)"):
+        train(cfg)
+    assert not (tmp_path / "run" / "train.csv").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("data: {volumes: []}\n", "data.volumes"),
+        ("data: {volumes: [{raw: a, label: b}]}\nbogus: 1\n", "bogus"),
+        ("data: {volumes: [{raw: a, label: b}], patch_shape: [8, 30, 30]}\n", "size divisor"),
+        ("data: {volumes: [{raw: a, label: b, train: {z: [5, 2]}}]}\n", "start < stop"),
+        ("optim: {lr: -1}\ndata: {volumes: [{raw: a, label: b}]}\n", "optim.lr"),
+        ("[unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_a_config_error_naming_the_field(tmp_path: Path, text: str, pattern: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_train_config(path)
+
+
+def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, data={"volumes": [{**tiny_config(tmp_path).data.volumes[0].model_dump(),
+                                                   "validation": {"z": [12, 40]}}]})
+    with pytest.raises(GeometryError, match="outside the volume"):
+        train(cfg)
+    assert not (tmp_path / "run" / "train.csv").exists()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_training_configs_validate(path: Path) -> None:
+    cfg = load_train_config(path)
+    assert cfg.data.volumes
