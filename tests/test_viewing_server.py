@@ -171,3 +171,24 @@ def test_view_command_line(tmp_path: Path) -> None:
     raw = _volume(f"precomputed://file://{tmp_path}/raw")
     result = runner.invoke(app, ["view", raw, "--state", str(tmp_path / "state.json")])
     assert isinstance(result.exception, ConfigError) and "are local" in str(result.exception)
+
+
+def test_state_file_for_volumes_served_over_http(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _volume(f"precomputed://file://{tmp_path}/raw")
+    _volume(f"precomputed://file://{tmp_path}/cells", "segmentation")
+    info = json.loads((tmp_path / "cells" / "info").read_text()) | {"segment_properties": "props"}
+    (tmp_path / "cells" / "info").write_text(json.dumps(info))
+    (tmp_path / "cells" / "props").mkdir()
+    (tmp_path / "cells" / "props" / "info").write_text(json.dumps(segment_properties({7: 5, 8: 9})))
+    with DataServer({"raw": str(tmp_path / "raw"), "cells": str(tmp_path / "cells")}) as server:
+        urls = [f"precomputed://{server.url}/raw", f"precomputed://{server.url}/cells"]
+        result = CliRunner().invoke(app, ["view", *urls, "--state", str(tmp_path / "state.json")])
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert [layer["source"] for layer in state["layers"]] == urls
+    assert state["layers"][1]["segments"] == ["8", "7"]
+    assert state["position"] == [8.0, 8.0, 4.0]
