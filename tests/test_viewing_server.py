@@ -192,3 +192,20 @@ def test_state_file_for_volumes_served_over_http(tmp_path: Path) -> None:
     assert [layer["source"] for layer in state["layers"]] == urls
     assert state["layers"][1]["segments"] == ["8", "7"]
     assert state["position"] == [8.0, 8.0, 4.0]
+
+
+def test_viewer_page_and_volumes_are_served_offline(tmp_path: Path) -> None:
+    import re
+
+    from pipeline.viewing.server import serve_layers
+
+    layers = open_layers([_volume(f"precomputed://file://{tmp_path}/raw")])
+    with serve_layers(layers) as (url, data_url):
+        status, _, page = _get(url)
+        script = re.search(rb'src="(main\.[^"]+\.js)"', page)
+        assert status == 200 and script, page[:200]
+        assert _get(url + script.group(1).decode())[0] == 200
+        status, headers, body = _get(f"{data_url}/raw/info")
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*" and b'"scales"' in body
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{data_url}/raw/info", timeout=2)

@@ -26,12 +26,16 @@ def view(
     port: Annotated[int, typer.Option(help="Port of the viewer page on 127.0.0.1 (0: any free port).")] = 0,
     data_port: Annotated[int, typer.Option(help="Port that serves the local volumes (0: any free port).")] = 0,
 ) -> None:
-    """Show volumes in Neuroglancer: EM image in grey, probabilities in colour, instances with meshes."""
+    """Show volumes in Neuroglancer: EM image in grey, probabilities in colour, instances with meshes.
+
+    The viewer and the volumes are served on 127.0.0.1 only; on a remote machine, fix --port and --data-port
+    and forward both (ssh -L).
+    """
     import threading
 
     from pipeline.errors import ConfigError
     from pipeline.viewing.layers import open_layers
-    from pipeline.viewing.server import DataServer, start_viewer
+    from pipeline.viewing.server import serve_layers
     from pipeline.viewing.state import build_state
 
     layers = open_layers(urls)
@@ -45,11 +49,9 @@ def view(
         state.write_text(json.dumps(build_state([layer.spec() for layer in layers]), indent=2))
         typer.echo(f"wrote the Neuroglancer state to {state}; paste it into any Neuroglancer (Edit JSON state)")
         return
-    roots = {layer.name: layer.url.local_path for layer in layers if layer.url.is_local}
-    with DataServer(roots, port=data_port) as server:
-        _, url = start_viewer(build_state([layer.spec(server.url) for layer in layers]), port=port)
+    with serve_layers(layers, port=port, data_port=data_port) as (url, data_url):
         typer.echo(f"Neuroglancer: {url}")
-        typer.echo(f"volumes served at {server.url}; press Ctrl-C to stop")
+        typer.echo(f"volumes served at {data_url}; press Ctrl-C to stop")
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

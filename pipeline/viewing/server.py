@@ -11,10 +11,15 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from pipeline.viewing.layers import ViewLayer
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +145,22 @@ def start_viewer(state: dict[str, Any], host: str = "127.0.0.1", port: int = 0) 
     viewer = neuroglancer.Viewer()
     viewer.set_state(neuroglancer.ViewerState(state))
     return viewer, viewer.get_viewer_url()
+
+
+@contextmanager
+def serve_layers(layers: list[ViewLayer], port: int = 0, data_port: int = 0) -> Iterator[tuple[str, str]]:
+    """Serve the local volumes of `layers` and a Neuroglancer page showing all of them, on 127.0.0.1.
+
+    Yields (viewer page URL, data server URL); both servers stop when the block ends.
+    """
+    import neuroglancer
+
+    from pipeline.viewing.state import build_state
+
+    roots = {layer.name: layer.url.local_path for layer in layers if layer.url.is_local}
+    with DataServer(roots, port=data_port) as server:
+        _, url = start_viewer(build_state([layer.spec(server.url) for layer in layers]), port=port)
+        try:
+            yield url, server.url
+        finally:
+            neuroglancer.stop()
