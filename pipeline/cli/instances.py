@@ -63,4 +63,4 @@ def instances(
         from pipeline.viewing import view_command
     except ImportError:
         return
-    console.print(f"view: {view_command([cfg.input, result.output])}", highlight=False)
+    console.print(f"view: {view_command([job.input_url, result.output])}", highlight=False)

@@ -49,7 +49,7 @@ class BlockFiles:
 
         def encoded(arrays: dict[str, np.ndarray]) -> bytes:
             buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
             return buffer.getvalue()
 
         try:
