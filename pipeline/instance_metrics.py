@@ -123,11 +123,17 @@ def _slabs(shape: tuple[int, int, int], depth: int) -> Iterable[tuple[int, int]]
         yield z, min(z + depth, shape[0])
 
 
-def instance_scores(prediction_url: str, truth_url: str, slab_voxels: int = 2**26) -> dict[str, float]:
+def instance_scores(
+    prediction_url: str, truth_url: str, truth_components: bool | None = None, slab_voxels: int = 2**26
+) -> dict[str, float]:
     """Instance scores of a predicted label volume against a true one, read in z-slabs (bounded memory).
 
-    Both must be single-channel integer volumes of the same shape; keys as `scores_from_overlaps`.
+    Both must be single-channel integer volumes of the same shape; keys as `scores_from_overlaps`. A truth
+    that is a binary mask (only 0 and 1, e.g. the synthetic demo's) has no instances of its own: with
+    `truth_components` (None = when the truth is binary) its 6-connected components are the true objects,
+    labelled in memory.
     """
+    import cc3d
     from daisy import Roi
 
     from pipeline.volumes import open_volume
@@ -147,8 +153,14 @@ def instance_scores(prediction_url: str, truth_url: str, slab_voxels: int = 2**2
         )
     shape = pred.meta.shape
     depth = max(1, slab_voxels // (shape[1] * shape[2]))
+    slabs = [Roi((z0, 0, 0), (z1 - z0, shape[1], shape[2])) for z0, z1 in _slabs(shape, depth)]
+    if truth_components is None:
+        truth_components = all(int(truth.read(roi).max()) <= 1 for roi in slabs)
+    labelled = None
+    if truth_components:
+        labelled = cc3d.connected_components(truth.read(truth.meta.roi)[0] > 0, connectivity=6)
     overlaps = Overlaps.empty()
-    for z0, z1 in _slabs(shape, depth):
-        roi = Roi((z0, 0, 0), (z1 - z0, shape[1], shape[2]))
-        overlaps.add(pred.read(roi)[0], truth.read(roi)[0])
+    for roi in slabs:
+        true_labels = truth.read(roi)[0] if labelled is None else labelled[roi.to_slices()]
+        overlaps.add(pred.read(roi)[0], true_labels)
     return scores_from_overlaps(overlaps)

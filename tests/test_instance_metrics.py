@@ -94,6 +94,19 @@ def test_volume_scores_read_in_slabs_equal_in_memory_scores(tmp_path):
     assert got == pytest.approx(instance_scores_arrays(pred, truth), nan_ok=True)
 
 
+def test_a_binary_truth_mask_is_split_into_its_connected_components(tmp_path):
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[0:2, 0:3, 0:3] = 1
+    truth[2:4, 5:8, 5:8] = 1
+    pred = np.zeros((4, 8, 8), np.uint64)
+    pred[0:2, 0:3, 0:3] = 5  # one object found exactly, the other missed
+    t = _write(str(tmp_path / "truth.zarr"), truth)
+    p = _write(str(tmp_path / "pred.zarr"), pred)
+    scores = instance_scores(p, t, slab_voxels=64)
+    assert scores["num_truth"] == 2 and scores["object_recall"] == 0.5 and scores["object_precision"] == 1.0
+    assert instance_scores(p, t, truth_components=False)["num_truth"] == 1
+
+
 def test_volume_scores_refuse_mismatched_shapes_and_non_labels(tmp_path):
     t = _write(str(tmp_path / "truth.zarr"), np.zeros((4, 8, 8), np.uint64))
     p = _write(str(tmp_path / "pred.zarr"), np.zeros((4, 8, 4), np.uint64))
