@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, GeometryError
-from pipeline.instance_metrics import instance_scores, instance_scores_arrays
+from pipeline.instance_metrics import instance_metric_provider, instance_scores, instance_scores_arrays
 from pipeline.volumes import VolumeMeta, create_volume
 
 
@@ -115,3 +115,15 @@ def test_volume_scores_refuse_mismatched_shapes_and_non_labels(tmp_path):
     f = _write(str(tmp_path / "probs.zarr"), np.zeros((4, 8, 8), np.float32))
     with pytest.raises(ConfigError, match="integer labels"):
         instance_scores(f, t)
+
+
+def test_the_evaluate_provider_scores_label_volumes_only(tmp_path):
+    labels = np.zeros((4, 8, 8), np.uint64)
+    labels[1:3, 2:6, 2:6] = 7
+    truth = _write(str(tmp_path / "truth.zarr"), (labels > 0).astype(np.uint8))
+    pred = _write(str(tmp_path / "pred.zarr"), labels)
+    probs = str(tmp_path / "probs.zarr")
+    meta = VolumeMeta(shape=(4, 8, 8), dtype=np.dtype(np.uint8), chunks=(2, 4, 4))
+    create_volume(probs, meta).write(meta.roi, (labels > 0).astype(np.uint8)[None] * 255)
+    assert instance_metric_provider(pred, truth, 0.5)["ap75"] == 1.0
+    assert instance_metric_provider(probs, truth, 0.5) == {}
