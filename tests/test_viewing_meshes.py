@@ -94,7 +94,7 @@ def test_fragments_join_into_closed_meshes_and_sizes_match(client: Any, tmp_path
         assert _open_edges(*_load(mesh_dir, label)[:2]) == 0, f"object {label} has holes"
     props_dir = mesh_dir.parent / "segment_properties" if scheme == "precomputed" else mesh_dir / "segment_properties"
     props = json.loads((props_dir / "info").read_text())
-    assert props == segment_properties(result.sizes)
+    assert props == segment_properties(result.sizes, VOXEL_NM)
     assert json.loads((mesh_dir / "info").read_text())["@type"] == "neuroglancer_legacy_mesh"
     if scheme == "precomputed":
         info = json.loads((tmp_path / "instances" / "info").read_text())
@@ -110,16 +110,11 @@ def test_simplified_meshes_keep_the_object_extent(client: Any, tmp_path: Path) -
 
 
 def test_segment_properties_format() -> None:
-    props = segment_properties({5: 10, 2: 3})
+    props = segment_properties({5: 10, 2: 3}, (10.0, 10.0, 10.0))
     assert props["inline"]["ids"] == ["2", "5"]
-    assert props["inline"]["properties"][0] | {"values": None} == {
-        "id": "size",
-        "type": "number",
-        "description": "voxels",
-        "data_type": "uint32",
-        "values": None,
-    }
-    assert props["inline"]["properties"][0]["values"] == [3, 10]
+    size, volume = props["inline"]["properties"]
+    assert size == {"id": "size", "type": "number", "description": "voxels", "data_type": "uint32", "values": [3, 10]}
+    assert (volume["id"], volume["data_type"], volume["values"]) == ("volume_um3", "float32", [3e-6, 1e-5])
 
 
 def test_image_volume_is_refused(client: Any, tmp_path: Path) -> None:

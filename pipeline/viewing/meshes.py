@@ -4,9 +4,9 @@ Each block meshes its objects with zmesh (marching cubes plus simplification) an
 per object in Neuroglancer's legacy precomputed mesh format; blocks read one extra voxel on their high
 faces, so neighbouring fragments meet without gaps, and meshes close only at the volume border. The
 client then writes one manifest per object (`<id>:0`, listing its fragments) and the segment properties
-(`size` in voxels). A precomputed layer gets them in its own folder (`mesh`, `segment_properties`, named
-in its `info`); a zarr volume gets a precomputed companion folder `meshes` inside its group, which the
-Neuroglancer state adds as a second source of the layer.
+(`size` in voxels, `volume_um3`). A precomputed layer gets them in its own folder (`mesh`,
+`segment_properties`, named in its `info`); a zarr volume gets a precomputed companion folder `meshes`
+inside its group, which the Neuroglancer state adds as a second source of the layer.
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ class MeshBlock:
         return {i: (n, i in written) for i, n in sizes.items()} | {i: (0, True) for i in written - sizes.keys()}
 
 
-def segment_properties(sizes: dict[int, int]) -> dict[str, Any]:
-    """Neuroglancer segment properties `info` listing every object with its size in voxels."""
+def segment_properties(
+    sizes: dict[int, int], voxel_size_nm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> dict[str, Any]:
+    """Neuroglancer segment properties `info` listing every object with its size in voxels and in µm³."""
     ids = sorted(sizes)
     values = [sizes[i] for i in ids]
+    voxel_um3 = float(np.prod(voxel_size_nm)) / 1e9
     return {
         "@type": "neuroglancer_segment_properties",
         "inline": {
@@ -126,7 +129,14 @@ def segment_properties(sizes: dict[int, int]) -> dict[str, Any]:
                     "description": "voxels",
                     "data_type": "uint32" if max(values, default=0) < 2**32 else "float32",
                     "values": values,
-                }
+                },
+                {
+                    "id": "volume_um3",
+                    "type": "number",
+                    "description": "volume in cubic micrometres",
+                    "data_type": "float32",
+                    "values": [round(v * voxel_um3, 6) for v in values],
+                },
             ],
         },
     }
@@ -192,7 +202,7 @@ def add_meshes(
         ((f"{label}:0", json.dumps({"fragments": names}).encode()) for label, names in fragments.items()),
         compress=None,
     )
-    CloudFiles(properties_dir).put_json("info", segment_properties(result.sizes))
+    CloudFiles(properties_dir).put_json("info", segment_properties(result.sizes, meta.voxel_size_nm))
     result.objects = len(fragments)
     if isinstance(volume, PrecomputedVolume):
         info = dict(volume.cv.info)
