@@ -200,11 +200,6 @@ def _first_bright_column(driver: Any, path: Path) -> int:
     return int(np.argmax(row.min(axis=-1) > 200))  # white, not the yellow of a bounding box
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OME-Zarr translation in zarr_volume.ome_multiscales_attrs is the corner of voxel 0 (o*r), but "
-    "Neuroglancer reads it as the centre: zarr outputs show half a voxel off precomputed ones until it is o*r + s/2",
-)
 def test_zarr_and_precomputed_outputs_line_up(driver: Any, tmp_path: Path) -> None:
     from pipeline.viewing.layers import open_layers
     from pipeline.viewing.server import DataServer, start_viewer

@@ -61,7 +61,9 @@ def ome_multiscales_attrs(meta: VolumeMeta, factors: list[Any], zarr_format: int
     for level, factor in enumerate(factors):
         f = [factor] * 3 if isinstance(factor, int | float) else list(factor)
         scale = [float(r) * float(k) for r, k in zip(meta.voxel_size_nm, f, strict=True)]
-        shift = [o * r + (s - r) / 2 for o, r, s in zip(meta.voxel_offset, meta.voxel_size_nm, scale, strict=True)]
+        # Neuroglancer reads an OME translation as the centre of the first voxel and shifts it by half a
+        # voxel; this places every level exactly where the precomputed layers of the same data are.
+        shift = [o * r + s / 2 for o, r, s in zip(meta.voxel_offset, meta.voxel_size_nm, scale, strict=True)]
         datasets.append(
             {
                 "path": f"s{level}",
