@@ -228,6 +228,12 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
                 continue  # nothing changed since the pyramid was built: a re-run stays a no-op
             pyramid = add_pyramid(client, url, progress=progress)
             result.extra.setdefault("pyramid_levels", {})[url] = len(pyramid.levels)
+    if run.config.instances is not None and result.run.ok:
+        from pipeline.instances.run import run_instances
+
+        follow = run.config.instances
+        follow = follow.model_copy(update={"input": follow.input or result.outputs[0]})
+        result.extra["instances"] = run_instances(follow, client, progress=progress)
     return result
 
 

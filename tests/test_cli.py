@@ -78,10 +78,12 @@ def test_segment_command_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> No
         "--roi",
         "0,0,0:16,64,64",
     ]
-    first = mitoseg(*args)
+    first = mitoseg(*args, "--instances", f"{tmp_path}/seg.zarr/labels")
     assert first.returncode == 0, first.stderr
-    assert "1 block(s) computed" in first.stdout and "view:" in first.stdout
+    assert "segment: 1 block(s) computed" in first.stdout and "relabel: 1 block(s) computed" in first.stdout
+    assert "seg.zarr/labels" in first.stdout.split("view:")[1]
+    assert open_volume(f"{tmp_path}/seg.zarr/labels").meta.layer_type == "segmentation"
     probs = open_volume(out)
     assert probs.meta.num_channels == 1 and probs.read(probs.meta.roi).dtype == np.uint8
     again = mitoseg(*args)
-    assert "0 block(s) computed, 1 skipped" in again.stdout
+    assert "segment: 0 block(s) computed, 1 skipped" in again.stdout

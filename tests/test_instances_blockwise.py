@@ -76,7 +76,9 @@ def run(client, tmp: Path, source: str, block, name: str | None = None, **settin
     """Run the stage and return (labels, result)."""
     output = str(tmp / f"{name or 'seg_' + '_'.join(map(str, block))}.zarr")
     decode = settings.pop("decode", {})
-    cfg = InstancesConfig(input=source, output=output, block_size=block, decode=decode, **settings)
+    cfg = InstancesConfig(
+        input=source, output=output, block_size=block, decode=decode, **{"viewing": False, **settings}
+    )
     result = run_instances(cfg, client, progress=False)
     assert result.ok, result.failures
     volume = open_volume(output)
@@ -242,7 +244,9 @@ def test_region_of_interest_and_precomputed_output(client, tmp_path):
     source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
     output = f"precomputed://file://{tmp_path}/seg"
     roi = "4,4,8:8,20,16"
-    cfg = InstancesConfig(input=source, output=output, block_size=(4, 8, 8), roi=roi, decode={"min_size": 0})
+    cfg = InstancesConfig(
+        input=source, output=output, block_size=(4, 8, 8), roi=roi, decode={"min_size": 0}, viewing=False
+    )
     assert run_instances(cfg, client, progress=False).ok
     volume = open_volume(output)
     assert volume.meta.layer_type == "segmentation" and volume.meta.dtype == np.uint64
@@ -292,7 +296,7 @@ def test_a_failing_block_is_reported_and_nothing_is_relabelled(client, tmp_path,
         return original(self, block)
 
     monkeypatch.setattr(tasks.DecodeTask, "__call__", flaky)
-    cfg = InstancesConfig(input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 12, 16))
+    cfg = InstancesConfig(input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 12, 16), viewing=False)
     result = run_instances(cfg, client, progress=False)
     assert not result.ok and [f.block_id for f in result.failures] == [3]
     assert result.match is None and result.relabel is None

@@ -40,3 +40,4 @@ def test_instances_of_a_segment_output(tmp_path, tiny_checkpoint):
     pairs = np.unique(np.stack([labels[mask], oracle[mask]], axis=1), axis=0)
     assert np.array_equal(labels > 0, mask) and len(pairs) == len(np.unique(oracle)) - 1
     assert open_volume(cfg.output).meta.voxel_size_nm == source.meta.voxel_size_nm
+    assert open_volume(cfg.output, scale=1).meta.shape[0] <= labels.shape[0]  # the viewing pyramid was added

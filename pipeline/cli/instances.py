@@ -22,11 +22,13 @@ def instances(
     """Decode instances blockwise with IDs consistent across block borders; measure every object."""
     from rich.console import Console
 
+    from pipeline.cli.report import print_failures, print_instances
     from pipeline.cli.segment import parse_zyx
     from pipeline.cluster import dask_client
     from pipeline.config import load_config
     from pipeline.config.instances import InstancesConfig
     from pipeline.instances.run import prepare_instances, run_instances
+    from pipeline.viewing import view_command
 
     overrides = {
         "input": input,
@@ -42,25 +44,9 @@ def instances(
     job = prepare_instances(cfg)  # every check before the cluster starts
     with dask_client(cfg.scheduler, workers=cfg.workers) as client:
         result = run_instances(job, client)
-    console = Console()
-    for name, run in zip(("decode", "match", "relabel"), result.passes, strict=False):
-        console.print(
-            f"{name}: {run.completed} block(s) computed, {run.skipped} skipped, {run.failed} failed of {run.total} "
-            f"in {result.seconds.get(name, 0.0):.1f} s"
-        )
+    console = Console(soft_wrap=True)
+    print_instances(console, result)
     if result.failures:
-        console.print("[bold red]failed blocks[/] (re-run the same command to retry them):")
-        for failure in result.failures:
-            console.print(f"  block {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
+        print_failures(console, result.failures)
         raise typer.Exit(1)
-    console.print(
-        f"instances: {result.num_objects} objects; {result.equivalences} equivalences across block faces "
-        f"({result.border_ids} border IDs); output {result.output}"
-    )
-    if result.table:
-        console.print(f"table: {result.table}")
-    try:
-        from pipeline.viewing import view_command
-    except ImportError:
-        return
-    console.print(f"view: {view_command([job.input_url, result.output])}", highlight=False)
+    console.print(f"view: {view_command([cfg.input, result.output])}", highlight=False)

@@ -33,14 +33,20 @@ def segment(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
+    instances: Annotated[
+        str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")
+    ] = None,
 ) -> None:
     """Segment mitochondria: write one probability channel per network output."""
     from rich.console import Console
 
+    from pipeline.cli.report import print_failures, print_instances, print_run
     from pipeline.config import load_config
+    from pipeline.config.instances import InstancesConfig
     from pipeline.config.segment import SegmentConfig
     from pipeline.segment import segment as run_segment
     from pipeline.synthetic_input import ensure_synthetic_input
+    from pipeline.viewing import view_command
 
     overrides = {
         "input": input,
@@ -53,22 +59,23 @@ def segment(
         "resume": False if no_resume else None,
     }
     cfg = load_config(SegmentConfig, config, overrides)
+    if instances:
+        section = cfg.instances or InstancesConfig()
+        cfg = cfg.model_copy(update={"instances": section.model_copy(update={"output": instances})})
     ensure_synthetic_input(cfg)
     result = run_segment(cfg)
     console = Console(soft_wrap=True)
-    run = result.run
-    console.print(
-        f"segment: {run.completed} block(s) computed, {run.skipped} skipped (already done), {run.failed} failed "
-        f"of {run.total}; {run.voxels / 1e6:.2f} Mvoxels in {run.seconds:.1f} s "
-        f"({run.voxels_per_second / 1e6:.3f} Mvox/s)"
-    )
+    print_run(console, "segment", result.run)
     for url in result.outputs:
         console.print(f"output: {url}")
-    if run.failures:
-        console.print("[bold red]failed blocks[/] (the others were written; re-run the same command to retry):")
-        for failure in run.failures:
-            console.print(f"  block {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
+    failures = list(result.run.failures)
+    shown = [cfg.input, *result.outputs]
+    follow = result.extra.get("instances")
+    if follow is not None:
+        print_instances(console, follow)
+        failures += follow.failures
+        shown.append(follow.output)
+    if failures:
+        print_failures(console, failures)
         raise typer.Exit(1)
-    from pipeline.viewing import view_command
-
-    console.print(f"view: {view_command([cfg.input, *result.outputs])}", highlight=False)
+    console.print(f"view: {view_command(shown)}", highlight=False)

@@ -25,5 +25,7 @@ def train(
     cfg = load_train_config(config, output=output)
     result = run_training(cfg, resume=resume, max_iterations=max_iterations)
     best = f"{result.best_jaccard:.4f}" if result.best_jaccard is not None else "n/a"
-    typer.echo(f"stopped at step {result.step}; best validation jaccard {best}; "
-               f"best checkpoint {result.best_checkpoint}; last {result.last_checkpoint}")
+    typer.echo(
+        f"stopped at step {result.step}; best validation jaccard {best}; "
+        f"best checkpoint {result.best_checkpoint}; last {result.last_checkpoint}"
+    )

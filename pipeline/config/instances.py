@@ -57,6 +57,7 @@ class InstancesConfig(BaseModel):
     workers: int = Field(1, ge=1, description="LocalCluster workers when no scheduler is given.")
     scheduler: str | None = Field(None, description="Address of a running Dask scheduler; None = a LocalCluster.")
     resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
+    viewing: bool = Field(True, description="Add pyramid levels, meshes and segment properties for Neuroglancer.")
     keep_scratch: bool = Field(False, description="Keep the provisional labels and per-block files after success.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding thresholds and method.")
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.config.instances import InstancesConfig
+
 Vec3 = tuple[int, int, int]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "lucchi.pt"
@@ -54,6 +56,9 @@ class SegmentConfig(BaseModel):
     retries: int = Field(2, ge=0, description="Times a failing block is retried before it is reported.")
     max_in_flight: int | None = Field(None, ge=1, description="Blocks submitted at once; 2 per worker + 2 if unset.")
     pyramid: bool = Field(True, description="Add down-sampled scales to the outputs for viewing.")
+    instances: InstancesConfig | None = Field(
+        None, description="Decode instances right after segment; its input defaults to the first output."
+    )
     synthetic: SyntheticInput | None = Field(
         None, description="Generate a synthetic input (and truth) here when the input does not exist."
     )

@@ -62,7 +62,6 @@ class DataConfig(BaseModel):
     foreground_oversample: float = Field(
         0.5, ge=0, le=1, description="Probability that a patch is centred on a random foreground voxel."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = main process).")
 
 
 class AugmentConfig(BaseModel):

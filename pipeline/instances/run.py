@@ -263,6 +263,12 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
         result.table = cfg.table
     if not cfg.keep_scratch:
         _remove_state(state, list(markers.values()))
+    if cfg.viewing:
+        from pipeline.viewing.meshes import add_meshes
+        from pipeline.viewing.pyramid import add_pyramid
+
+        add_pyramid(client, job.output_url, progress=progress)
+        add_meshes(client, job.output_url, progress=progress)
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.evaluation import SemanticCounts
+from pipeline.evaluation import SemanticCounts, count
 
 _BINS = 200
 
@@ -39,7 +39,7 @@ def predict_volume(network: torch.nn.Module, raw: np.ndarray, patch_shape: tuple
     pad = [(c, c + o - s) for c, o, s in zip(context, out_shape, raw.shape, strict=True)]
     padded = np.pad(raw, pad, mode="symmetric")
     weight = _gaussian(core)  # type: ignore[arg-type]
-    acc: np.ndarray | None = None
+    acc = None
     norm = np.zeros(out_shape, dtype=np.float32)
     grid = [_starts(o, c, s) for o, c, s in zip(out_shape, core, stride, strict=True)]
     for z in grid[0]:
@@ -55,8 +55,7 @@ def predict_volume(network: torch.nn.Module, raw: np.ndarray, patch_shape: tuple
                 box = (slice(z, z + core[0]), slice(y, y + core[1]), slice(x, x + core[2]))
                 acc[(slice(None), *box)] += prob * weight
                 norm[box] += weight
-    assert acc is not None
-    acc /= norm
+    acc /= norm  # type: ignore[operator]
     return acc[:, : raw.shape[0], : raw.shape[1], : raw.shape[2]]
 
 
@@ -86,3 +85,15 @@ class ThresholdTuner:
         scored = [(self.counts(t).jaccard, t) for t in candidates]
         _, threshold = max(scored)
         return threshold, self.counts(threshold)
+
+
+def score_checkpoint(path: str, raw: np.ndarray, label: np.ndarray, overlap: float = 0.25,
+                     threshold: float | None = None) -> dict[str, float]:
+    """Scores of a checkpoint on a (raw, label) volume, predicted with its recommended patch shape and
+    Gaussian blending; threshold from the checkpoint unless given."""
+    from pipeline.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap)
+    cut = loaded.threshold if threshold is None else threshold
+    return {**count(prob[0] >= cut, label > 0).scores(), "threshold": cut}

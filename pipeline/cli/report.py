@@ -1,0 +1,39 @@
+"""What the commands print at the end of a run: block counts, failures, instance summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.execution import BlockFailure, RunResult
+
+
+def print_run(console: Console, name: str, run: RunResult, seconds: float | None = None) -> None:
+    """One line: blocks computed, skipped, failed, and the throughput."""
+    took = run.seconds if seconds is None else seconds
+    rate = f" ({run.voxels_per_second / 1e6:.3f} Mvox/s)" if run.voxels else ""
+    console.print(
+        f"{name}: {run.completed} block(s) computed, {run.skipped} skipped (already done), {run.failed} failed "
+        f"of {run.total}; {run.voxels / 1e6:.2f} Mvoxels in {took:.1f} s{rate}"
+    )
+
+
+def print_failures(console: Console, failures: list[BlockFailure]) -> None:
+    """The blocks that failed after their retries, so the user can see what to fix before re-running."""
+    console.print("[bold red]failed blocks[/] (every other block was written; re-run the same command to retry):")
+    for failure in failures:
+        console.print(f"  block {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
+
+
+def print_instances(console: Console, result: Any) -> None:
+    """Per-pass counts and the object summary of an instances run."""
+    for name, run in zip(("decode", "match", "relabel"), result.passes, strict=False):
+        print_run(console, name, run, result.seconds.get(name))
+    if result.ok:
+        console.print(
+            f"instances: {result.num_objects} objects; {result.equivalences} equivalences across block faces "
+            f"({result.border_ids} border IDs); output {result.output}"
+        )
+        if result.table:
+            console.print(f"table: {result.table}")
