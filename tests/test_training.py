@@ -122,3 +122,18 @@ def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None
 def test_shipped_training_configs_validate(path: Path) -> None:
     cfg = load_train_config(path)
     assert cfg.data.volumes
+
+
+LUCCHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi" / "train.zarr"
+
+
+@pytest.mark.skipif(not LUCCHI.exists(), reason="Lucchi data absent (../shared/data/lucchi): a fresh clone")
+def test_lucchi_config_names_matching_volumes_and_a_disjoint_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.training.data import open_pair
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_train_config("configs/lucchi.yaml")
+    for source in cfg.data.volumes:
+        raw, _ = open_pair(source.raw, source.label)
+        assert raw.meta.shape == (165, 768, 1024)
+        assert source.train.z[1] <= source.validation.z[0]  # held-out slices never trained on
