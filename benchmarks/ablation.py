@@ -47,7 +47,7 @@ def config(row_id: str, row: dict, seed: int, iterations: int, kind: str, work: 
     return TrainConfig.model_validate({
         "name": "ablation", "output_dir": str(work / "runs" / f"{row_id}_seed{seed}"), "seed": seed,
         "num_threads": 1, "data": _data(kind, work),
-        "network": {"widths": [8, 16, 32], "embedding_dim": 32, "context": [1, 8, 8]},
+        "network": {"widths": [8, 16, 32], "kernel_z": [1, 3, 3], "embedding_dim": 32, "context": [1, 8, 8]},
         "loss": loss,
         "optim": {"lr": 0.002, "warmup_iterations": max(1, iterations // 20), "iterations": iterations},
         "log_every": max(1, iterations // 10), "checkpoint_every": iterations, "val_every": iterations,

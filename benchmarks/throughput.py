@@ -2,8 +2,9 @@
 
 Prints one table: for two synthetic volumes 8x apart in size, the end-to-end voxels/s of a blockwise run
 on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (in this process,
-same thread count), their ratio (target >= 0.9), and the peak RSS of each worker (target: the larger
-volume within 20 % of the smaller).
+same thread count), their ratio (the pipeline's own overhead; target >= 0.9), how many patches the block
+partition computes against one whole-volume block (patches on block borders are computed by each block they
+reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x volume within 20 %).
 
     python benchmarks/throughput.py [--checkpoint models/demo.pt] [--small 32,256,256] [--workers 1]
 """
@@ -27,8 +28,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_forward(checkpoint: Path, raw: np.ndarray, grid, threads: int) -> tuple[float, int]:
-    """Seconds of the network alone over every patch the pipeline computes, and the voxels covered."""
+def bare_forward(checkpoint: Path, raw: np.ndarray, run, threads: int) -> tuple[float, int, int]:
+    """Seconds of the network alone over exactly the patches the pipeline computed, block by block.
+
+    Also returns how many patches that was, and how many one whole-volume block would need.
+    """
     import torch
     from daisy import Roi
 
@@ -37,19 +41,29 @@ def bare_forward(checkpoint: Path, raw: np.ndarray, grid, threads: int) -> tuple
 
     torch.set_num_threads(threads)
     predictor = Predictor(str(checkpoint))
-    whole = Roi((0, 0, 0), raw.shape)
-    read_roi = grid.read_roi(whole)
-    padded = scale_input(read_mirrored(lambda r: raw[None][(slice(None), *r.to_slices())], read_roi, raw.shape))
-    patches = []
-    for tile in grid.tiles(whole):
-        src = tile.grow(grid.context, grid.context)
-        local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
-        patches.append(padded[(slice(None), *local)])
-    predictor(patches[0])  # warm-up, as the worker plugin's first block is
-    start = time.perf_counter()
-    for patch in patches:
+    grid = run.job.grid
+
+    def read(r: Roi) -> np.ndarray:
+        return raw[None][(slice(None), *r.to_slices())]
+
+    def patches():
+        for block in run.plan.blocks():
+            read_roi = grid.read_roi(block.write_roi)
+            padded = scale_input(read_mirrored(read, read_roi, raw.shape))
+            for tile in grid.tiles(block.write_roi):
+                src = tile.grow(grid.context, grid.context)
+                local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
+                yield padded[(slice(None), *local)]
+
+    predictor(next(patches()))  # warm-up, as the worker plugin's first block is
+    count, seconds = 0, 0.0
+    for patch in patches():
+        start = time.perf_counter()
         predictor(patch)
-    return time.perf_counter() - start, int(np.prod(raw.shape))
+        seconds += time.perf_counter() - start
+        count += 1
+    whole = sum(1 for _ in grid.tiles(Roi((0, 0, 0), raw.shape)))
+    return seconds, count, whole
 
 
 def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Path) -> dict:
@@ -77,12 +91,13 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
         result = segment(cfg, client=client, progress=False).run
         rss = client.run(peak_rss_mb)
     threads = max(1, (os.cpu_count() or 1) // args.workers) * args.workers
-    seconds, voxels = bare_forward(args.checkpoint, raw, prepare(cfg).job.grid, threads)
+    seconds, patches, whole = bare_forward(args.checkpoint, raw, prepare(cfg), threads)
     return {
         "shape": shape,
         "blocks": result.total,
         "segment": result.voxels_per_second,
-        "bare": voxels / seconds,
+        "bare": int(np.prod(shape)) / seconds,
+        "recompute": patches / whole,
         "rss": max(rss.values()),
         "ok": result.ok,
     }
@@ -104,12 +119,13 @@ def main() -> None:
     print(f"\nsegment vs bare network ({args.workers} worker(s), {cores} cores, {args.checkpoint.name})")
     print(
         f"{'volume (z,y,x)':>18} {'voxels':>11} {'blocks':>6} {'segment Mvox/s':>15} {'bare Mvox/s':>12} "
-        f"{'ratio':>6} {'peak RSS/worker':>16}"
+        f"{'ratio':>6} {'patches/1-block':>16} {'peak RSS/worker':>16}"
     )
     for r in rows:
         print(
             f"{'x'.join(map(str, r['shape'])):>18} {int(np.prod(r['shape'])):>11,} {r['blocks']:>6} "
             f"{r['segment'] / 1e6:>15.3f} {r['bare'] / 1e6:>12.3f} {r['segment'] / r['bare']:>6.2f} "
+            f"{r['recompute']:>16.2f} "
             f"{r['rss']:>13.0f} MB"
         )
     ratio = min(r["segment"] / r["bare"] for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -27,8 +28,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
         format="%(message)s",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
     )
+    # Dask reads this when distributed is first imported (here and in worker processes, which inherit it).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose else "warning")
     for noisy in ("distributed", "urllib3", "numcodecs"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _register() -> None:
