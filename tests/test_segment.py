@@ -84,7 +84,7 @@ def test_sub_roi_rerun_matches_and_precomputed_output(clients, raw_url, tiny_che
 
 def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
-    cfg = config(raw_url, out, tiny_checkpoint, block_size=(8, 32, 32))
+    cfg = config(raw_url, out, tiny_checkpoint, block_size=(16, 48, 48))
     first = segment(cfg, client=clients[1], progress=False).run
     assert first.completed == first.total and first.skipped == 0
     again = segment(cfg, client=clients[1], progress=False).run
