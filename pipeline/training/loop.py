@@ -185,7 +185,7 @@ class MetricsLog:
             self.writer.close()
 
 
-def _progress(total: int, start: int, enabled: bool):  # noqa: ANN202 - rich types are optional here
+def _progress(total: int, start: int, enabled: bool) -> tuple:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
