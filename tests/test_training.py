@@ -13,7 +13,7 @@ from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError, GeometryError
 from pipeline.synthetic import generate_volume, write_volume_zarr
 from pipeline.training import load_train_config
-from pipeline.training.loop import train
+from pipeline.training.loop import lr_factor, train
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*train*.yaml")) + sorted(
     (Path(__file__).resolve().parents[1] / "configs").glob("lucchi*.yaml")
@@ -68,6 +68,7 @@ def test_resume_continues_the_same_schedule_exactly(tmp_path: Path) -> None:
     assert first.step == 4
     payload = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
     assert payload["step"] == 4
+    assert payload["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg_b.optim.lr * lr_factor(3, cfg_b))
     resumed = train(cfg_b, resume=True)
     assert resumed.step == 8
     for key, value in straight.network.state_dict().items():
