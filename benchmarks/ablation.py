@@ -29,30 +29,60 @@ ROWS = {
 def _data(kind: str, work: Path) -> dict:
     if kind == "lucchi":
         lucchi = "../shared/data/lucchi/train.zarr"
-        return {"volumes": [{"raw": f"{lucchi}/raw", "label": f"{lucchi}/label", "train": {"z": [0, 130]},
-                             "validation": {"z": [130, 165]}}],
-                "split_name": "lucchi-z130", "patch_shape": [8, 128, 128]}
-    return {"volumes": [
-        {"raw": str(work / "train.zarr/raw"), "label": str(work / "train.zarr/label"),
-         "synthetic": {"shape": [32, 128, 128], "seed": 201}, "train": {}},
-        {"raw": str(work / "val.zarr/raw"), "label": str(work / "val.zarr/label"),
-         "synthetic": {"shape": [16, 128, 128], "seed": 202}, "train": None, "validation": {}},
-    ], "split_name": "synthetic seed 201 / 202", "patch_shape": [8, 64, 64]}
+        return {
+            "volumes": [
+                {
+                    "raw": f"{lucchi}/raw",
+                    "label": f"{lucchi}/label",
+                    "train": {"z": [0, 130]},
+                    "validation": {"z": [130, 165]},
+                }
+            ],
+            "split_name": "lucchi-z130",
+            "patch_shape": [8, 128, 128],
+        }
+    return {
+        "volumes": [
+            {
+                "raw": str(work / "train.zarr/raw"),
+                "label": str(work / "train.zarr/label"),
+                "synthetic": {"shape": [32, 128, 128], "seed": 201},
+                "train": {},
+            },
+            {
+                "raw": str(work / "val.zarr/raw"),
+                "label": str(work / "val.zarr/label"),
+                "synthetic": {"shape": [16, 128, 128], "seed": 202},
+                "train": None,
+                "validation": {},
+            },
+        ],
+        "split_name": "synthetic seed 201 / 202",
+        "patch_shape": [8, 64, 64],
+    }
 
 
 def config(row_id: str, row: dict, seed: int, iterations: int, kind: str, work: Path) -> TrainConfig:
     """One run of one row: everything but the loss terms is shared by all rows."""
     loss = {"contrastive_warmup": iterations // 5, **row}
     loss["sampling"] = {"num_points": 256, **row.get("sampling", {})}
-    return TrainConfig.model_validate({
-        "name": "ablation", "output_dir": str(work / "runs" / f"{row_id}_seed{seed}"), "seed": seed,
-        "num_threads": 1, "data": _data(kind, work),
-        "network": {"widths": [8, 16, 32], "kernel_z": [1, 3, 3], "embedding_dim": 32, "context": [1, 8, 8]},
-        "loss": loss,
-        "optim": {"lr": 0.002, "warmup_iterations": max(1, iterations // 20), "iterations": iterations},
-        "log_every": max(1, iterations // 10), "checkpoint_every": iterations, "val_every": iterations,
-        "val_patch_shape": [8, 128, 128] if kind == "synthetic" else [16, 256, 256], "val_overlap": 0.0,
-    })
+    return TrainConfig.model_validate(
+        {
+            "name": "ablation",
+            "output_dir": str(work / "runs" / f"{row_id}_seed{seed}"),
+            "seed": seed,
+            "num_threads": 1,
+            "data": _data(kind, work),
+            "network": {"widths": [8, 16, 32], "kernel_z": [1, 3, 3], "embedding_dim": 32, "context": [1, 8, 8]},
+            "loss": loss,
+            "optim": {"lr": 0.002, "warmup_iterations": max(1, iterations // 20), "iterations": iterations},
+            "log_every": max(1, iterations // 10),
+            "checkpoint_every": iterations,
+            "val_every": iterations,
+            "val_patch_shape": [8, 128, 128] if kind == "synthetic" else [16, 256, 256],
+            "val_overlap": 0.0,
+        }
+    )
 
 
 def main() -> None:
@@ -72,8 +102,10 @@ def main() -> None:
             result = train(cfg)
             results.setdefault(name, []).append(float(result.best_jaccard or 0.0))
             print(f"{name:34s} seed {seed}: val jaccard {results[name][-1]:.4f}", flush=True)
-    print(f"\n{args.data}, {args.iterations} iterations, seeds {args.seeds}, "
-          f"{(time.perf_counter() - start) / 60:.1f} min total\n")
+    print(
+        f"\n{args.data}, {args.iterations} iterations, seeds {args.seeds}, "
+        f"{(time.perf_counter() - start) / 60:.1f} min total\n"
+    )
     print("| row | validation Jaccard (mean ± half-range) | runs |\n|---|---|---|")
     for name, scores in results.items():
         spread = (max(scores) - min(scores)) / 2

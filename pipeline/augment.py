@@ -8,8 +8,9 @@ from scipy import ndimage
 from pipeline.config.train import AugmentConfig
 
 
-def augment(raw: np.ndarray, label: np.ndarray, cfg: AugmentConfig,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment(
+    raw: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Augment a float32 raw patch in [0, 1] and its label patch (same shape); returns new arrays."""
     if cfg.flip:
         for axis in range(3):
@@ -37,8 +38,9 @@ def augment(raw: np.ndarray, label: np.ndarray, cfg: AugmentConfig,
     return np.clip(raw, 0, 1).astype(np.float32), label
 
 
-def _elastic(raw: np.ndarray, label: np.ndarray, cfg: AugmentConfig,
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _elastic(
+    raw: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Smooth in-plane displacement, the same for every slice (cheap, keeps z alignment)."""
     _, height, width = raw.shape
     fields = []

@@ -39,8 +39,9 @@ def content_hash(network_config: NetworkConfig, state_dict: dict[str, torch.Tens
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, *, network_config: NetworkConfig, state_dict: dict[str, torch.Tensor],
-                    **extra: Any) -> str:
+def save_checkpoint(
+    path: str | Path, *, network_config: NetworkConfig, state_dict: dict[str, torch.Tensor], **extra: Any
+) -> str:
     """Write a checkpoint atomically and return its content hash.
 
     Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `metadata` (JSON-able dict with the

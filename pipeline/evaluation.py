@@ -89,8 +89,9 @@ def default_threshold(provenance: dict) -> float:
     return float(value) if isinstance(value, int | float) else 0.5
 
 
-def evaluate_semantic(prediction_url: str, truth_url: str, threshold: float | None = None,
-                      *, chunks: tuple[int, int, int] | None = None) -> dict[str, float]:
+def evaluate_semantic(
+    prediction_url: str, truth_url: str, threshold: float | None = None, *, chunks: tuple[int, int, int] | None = None
+) -> dict[str, float]:
     """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
 
     Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5.

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from pipeline.config.train import LossConfig
 
 
-def balanced_bce_dice(logits: torch.Tensor, target: torch.Tensor, *, class_balance: float = 1.0,
-                      dice_weight: float = 0.5) -> torch.Tensor:
+def balanced_bce_dice(
+    logits: torch.Tensor, target: torch.Tensor, *, class_balance: float = 1.0, dice_weight: float = 0.5
+) -> torch.Tensor:
     """Class-balanced weighted BCE plus `dice_weight` x soft Dice, for one head (same-shape tensors).
 
     Weights are inverse class frequencies of the batch raised to `class_balance`, normalised so the
@@ -48,8 +49,13 @@ def similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature:
     return -mean_log_prob[valid].mean()
 
 
-def consistency_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, neighbours: torch.Tensor,
-                     neighbour_labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def consistency_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    neighbours: torch.Tensor,
+    neighbour_labels: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
     """Frame-to-frame InfoNCE: anchor i (z) against the neighbours of all anchors (same y, x at z +- 1).
 
     When label(i) == label(neighbour i) the own neighbour is the positive and the other-class neighbours

@@ -45,8 +45,9 @@ def _conv(cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, 
 class ConvNormAct(nn.Sequential):
     """Convolution, normalisation and ELU."""
 
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], norm: str,
-                 stride: tuple[int, int, int] = (1, 1, 1)) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: tuple[int, int, int], norm: str, stride: tuple[int, int, int] = (1, 1, 1)
+    ) -> None:
         super().__init__(_conv(cin, cout, kernel, stride), _norm(norm, cout), nn.ELU(inplace=True))
 
 

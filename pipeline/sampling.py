@@ -41,8 +41,7 @@ def _uncertainty_pick(prob: torch.Tensor, count: int, cfg: SamplingConfig, gen: 
     return torch.cat(chosen)
 
 
-def _misclassified_pick(prob: torch.Tensor, truth: torch.Tensor, count: int,
-                        gen: torch.Generator) -> torch.Tensor:
+def _misclassified_pick(prob: torch.Tensor, truth: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
     """Half misclassified, half correctly classified voxels, each half split evenly over the classes
     present in it; a half with no voxels at all gives its share to the other half."""
     flat_p, flat_t = prob.flatten(), truth.flatten() > 0
@@ -64,8 +63,9 @@ def _misclassified_pick(prob: torch.Tensor, truth: torch.Tensor, count: int,
     return torch.cat(picks)
 
 
-def sample_points(prob: torch.Tensor, truth: torch.Tensor, cfg: SamplingConfig,
-                  generator: torch.Generator | None = None) -> Points:
+def sample_points(
+    prob: torch.Tensor, truth: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> Points:
     """Sample cfg.num_points voxels per patch, spread evenly over its z-slices.
 
     prob: detached foreground probability (N, Z, Y, X); truth: mask (N, Z, Y, X), > 0 is foreground.

@@ -60,8 +60,9 @@ def _tube_distance(box: tuple[slice, ...], points: np.ndarray, radius: float) ->
     return best - radius
 
 
-def _paint_mitochondrion(raw: np.ndarray, label: np.ndarray, box: tuple[slice, ...], dist: np.ndarray,
-                         rng: np.random.Generator) -> bool:
+def _paint_mitochondrion(
+    raw: np.ndarray, label: np.ndarray, box: tuple[slice, ...], dist: np.ndarray, rng: np.random.Generator
+) -> bool:
     """Paint one mitochondrion given its distance field; refuse (False) if it touches another one."""
     inside = dist < 0
     if inside.sum() < 50 or np.any(label[box][dist < 3]):
@@ -183,8 +184,10 @@ def write_volume_zarr(
     group = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)
     for name, data in (("raw", raw), ("label", label)):
         arr = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=tuple(min(c, s) for c, s in zip(chunks, data.shape,
-                                                                                                 strict=True)),
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=tuple(min(c, s) for c, s in zip(chunks, data.shape, strict=True)),
             overwrite=True,
         )
         arr[...] = data

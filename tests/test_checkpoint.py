@@ -22,8 +22,9 @@ def _save(path: Path, **extra) -> tuple[torch.nn.Module, str]:
 
 
 def test_round_trip_rebuilds_the_same_network(tmp_path: Path) -> None:
-    net, digest = _save(tmp_path / "c.pt", threshold=0.7, patch_shape=[8, 32, 32],
-                        metadata={"step": 3, "scores": {"jaccard": 0.5}})
+    net, digest = _save(
+        tmp_path / "c.pt", threshold=0.7, patch_shape=[8, 32, 32], metadata={"step": 3, "scores": {"jaccard": 0.5}}
+    )
     loaded = load_checkpoint(tmp_path / "c.pt")
     assert loaded.content_hash == digest and len(digest) == 64
     assert loaded.threshold == 0.7 and loaded.patch_shape == (8, 32, 32)

@@ -26,23 +26,46 @@ SCRIPT = textwrap.dedent(
 
 
 def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
-    volume = {"raw": str(tmp_path / "syn.zarr/raw"), "label": str(tmp_path / "syn.zarr/label"),
-              "synthetic": {"shape": [16, 64, 64], "seed": 0}, "train": {"z": [0, 12]}, "validation": {"z": [12, 16]}}
-    cfg = TrainConfig.model_validate({
-        "output_dir": str(tmp_path / "run"), "num_threads": 1,
-        "data": {"volumes": [volume], "patch_shape": [8, 32, 32]},
-        "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
-        "loss": {"contrastive_warmup": 2, "sampling": {"num_points": 64}},
-        "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 4},
-        "checkpoint_every": 2, "val_every": 100, "val_patch_shape": [8, 32, 32],
-    })
+    volume = {
+        "raw": str(tmp_path / "syn.zarr/raw"),
+        "label": str(tmp_path / "syn.zarr/label"),
+        "synthetic": {"shape": [16, 64, 64], "seed": 0},
+        "train": {"z": [0, 12]},
+        "validation": {"z": [12, 16]},
+    }
+    cfg = TrainConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "num_threads": 1,
+            "data": {"volumes": [volume], "patch_shape": [8, 32, 32]},
+            "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
+            "loss": {"contrastive_warmup": 2, "sampling": {"num_points": 64}},
+            "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 4},
+            "checkpoint_every": 2,
+            "val_every": 100,
+            "val_patch_shape": [8, 32, 32],
+        }
+    )
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     (tmp_path / "run_rank.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "run_rank.py"), str(tmp_path / "cfg.json"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "run_rank.py"),
+            str(tmp_path / "cfg.json"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -75,10 +75,12 @@ def test_gradients_reach_backbone_and_projection_head() -> None:
 
     torch.manual_seed(0)
     net_cfg = NetworkConfig(widths=[4, 8], embedding_dim=8)
-    cfg = TrainConfig(network=net_cfg, data={"volumes": [{"raw": "r", "label": "l"}], "patch_shape": (4, 16, 16)},
-                      loss={"contrastive_warmup": 0, "lambda_sim": 1.0, "lambda_con": 1.0,
-                            "sampling": {"num_points": 64}},
-                      val_patch_shape=(8, 40, 40))
+    cfg = TrainConfig(
+        network=net_cfg,
+        data={"volumes": [{"raw": "r", "label": "l"}], "patch_shape": (4, 16, 16)},
+        loss={"contrastive_warmup": 0, "lambda_sim": 1.0, "lambda_con": 1.0, "sampling": {"num_points": 64}},
+        val_patch_shape=(8, 40, 40),
+    )
     net = build_network(net_cfg)
     label = torch.zeros(1, 4, 16, 16, dtype=torch.uint8)
     label[:, :, 4:10, 4:10] = 1

@@ -31,8 +31,9 @@ def test_beta_one_picks_the_most_uncertain_points_with_their_labels() -> None:
 
 def test_random_mode_is_uniform_and_labelled() -> None:
     prob, truth = _case()
-    points = sample_points(prob, truth, SamplingConfig(mode="random", num_points=3 * 200),
-                           torch.Generator().manual_seed(2))
+    points = sample_points(
+        prob, truth, SamplingConfig(mode="random", num_points=3 * 200), torch.Generator().manual_seed(2)
+    )
     assert (points.y == 5).float().mean() < 0.2
     assert torch.equal(points.label, truth[points.n, points.z, points.y, points.x].long())
 
@@ -40,8 +41,9 @@ def test_random_mode_is_uniform_and_labelled() -> None:
 def test_misclassified_mode_takes_half_wrong_points() -> None:
     prob, truth = _case()
     prob[:, :, 10, :4] = 0.9  # false positives
-    points = sample_points(prob, truth, SamplingConfig(mode="misclassified", num_points=3 * 8),
-                           torch.Generator().manual_seed(3))
+    points = sample_points(
+        prob, truth, SamplingConfig(mode="misclassified", num_points=3 * 8), torch.Generator().manual_seed(3)
+    )
     p = prob[points.n, points.z, points.y, points.x]
     wrong = (p >= 0.5) != points.label.bool()
     assert wrong.float().mean() == 0.5

@@ -23,20 +23,29 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*train*
 def tiny_config(tmp_path: Path, **overrides: object) -> TrainConfig:
     """A tiny network on a tiny synthetic volume (generated on first use), fast on 2 cores."""
     data = {
-        "volumes": [{
-            "raw": str(tmp_path / "syn.zarr" / "raw"), "label": str(tmp_path / "syn.zarr" / "label"),
-            "synthetic": {"shape": [16, 64, 64], "seed": 0},
-            "train": {"z": [0, 12]}, "validation": {"z": [12, 16]},
-        }],
+        "volumes": [
+            {
+                "raw": str(tmp_path / "syn.zarr" / "raw"),
+                "label": str(tmp_path / "syn.zarr" / "label"),
+                "synthetic": {"shape": [16, 64, 64], "seed": 0},
+                "train": {"z": [0, 12]},
+                "validation": {"z": [12, 16]},
+            }
+        ],
         "patch_shape": [8, 32, 32],
     }
     base: dict = {
-        "output_dir": str(tmp_path / "run"), "num_threads": 1, "data": data,
+        "output_dir": str(tmp_path / "run"),
+        "num_threads": 1,
+        "data": data,
         "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
         "loss": {"contrastive_warmup": 2, "sampling": {"num_points": 64}},
         "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 8},
         "augment": {"elastic": 0.0},
-        "log_every": 1, "checkpoint_every": 2, "val_every": 100, "val_patch_shape": [8, 32, 32],
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "val_every": 100,
+        "val_patch_shape": [8, 32, 32],
     }
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -52,8 +61,9 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, optim={"iterations": 30, "min_lr": 0.01}, augment={"flip": False, "rot90": False,
-                                                                                     "intensity": 0.0})
+    cfg = tiny_config(
+        tmp_path, optim={"iterations": 30, "min_lr": 0.01}, augment={"flip": False, "rot90": False, "intensity": 0.0}
+    )
     result = train(cfg)
     losses = _losses(tmp_path / "run")
     assert result.step == 30 and len(losses) == 30
@@ -112,8 +122,10 @@ def test_bad_config_is_a_config_error_naming_the_field(tmp_path: Path, text: str
 
 
 def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, data={"volumes": [{**tiny_config(tmp_path).data.volumes[0].model_dump(),
-                                                   "validation": {"z": [12, 40]}}]})
+    cfg = tiny_config(
+        tmp_path,
+        data={"volumes": [{**tiny_config(tmp_path).data.volumes[0].model_dump(), "validation": {"z": [12, 40]}}]},
+    )
     with pytest.raises(GeometryError, match="outside the volume"):
         train(cfg)
     assert not (tmp_path / "run" / "train.csv").exists()

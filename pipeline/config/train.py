@@ -128,8 +128,10 @@ class OptimConfig(BaseModel):
     warmup_iterations: int = Field(100, ge=0, description="Linear warm-up iterations.")
     iterations: int = Field(2000, ge=1, description="Total iterations of the schedule.")
     time_budget_minutes: float | None = Field(
-        None, gt=0, description="Wall-clock budget in minutes: the cosine decay and the run end at whichever of "
-        "`iterations` or the budget comes first (for shared CPUs; None = iterations only)."
+        None,
+        gt=0,
+        description="Wall-clock budget in minutes: the cosine decay and the run end at whichever of "
+        "`iterations` or the budget comes first (for shared CPUs; None = iterations only).",
     )
     grad_clip: float = Field(5.0, ge=0, description="Gradient-norm clip (0 = none).")
 

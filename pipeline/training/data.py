@@ -26,8 +26,9 @@ class LabelledRegion:
 
 
 def _roi(region: Region, shape: tuple[int, int, int], what: str) -> Roi:
-    ranges = [rng if rng is not None else (0, size) for rng, size in zip((region.z, region.y, region.x), shape,
-                                                                         strict=True)]
+    ranges = [
+        rng if rng is not None else (0, size) for rng, size in zip((region.z, region.y, region.x), shape, strict=True)
+    ]
     if any(stop > size for (_, stop), size in zip(ranges, shape, strict=True)):
         raise GeometryError(
             f"{what} region z,y,x = {ranges} is outside the volume of shape {shape}; give ranges inside it"

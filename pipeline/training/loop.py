@@ -49,14 +49,14 @@ class TrainStep(nn.Module):
         self.network = network
         self.cfg = cfg
 
-    def forward(self, raw: torch.Tensor, label: torch.Tensor, generator: torch.Generator
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def forward(
+        self, raw: torch.Tensor, label: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         logits, features = self.network.forward_features(raw)
         loss_cfg = self.cfg.loss
         if (loss_cfg.lambda_sim == 0 and loss_cfg.lambda_con == 0) or self.network.projection is None:
             return logits, None
-        points = sample_points(torch.sigmoid(logits[:, 0].detach().float()), label, loss_cfg.sampling,
-                               generator)
+        points = sample_points(torch.sigmoid(logits[:, 0].detach().float()), label, loss_cfg.sampling, generator)
         if len(points) > loss_cfg.max_points:
             keep = torch.randperm(len(points), generator=generator, device=label.device)[: loss_cfg.max_points]
             points = type(points)(*(t[keep] for t in (points.n, points.z, points.y, points.x, points.label)))
@@ -84,23 +84,28 @@ def contour_target(label: torch.Tensor, width: int) -> torch.Tensor:
     return (dilated - eroded)[:, 0]
 
 
-def compute_loss(logits: torch.Tensor, extra: dict[str, torch.Tensor] | None, label: torch.Tensor,
-                 cfg: TrainConfig, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    logits: torch.Tensor, extra: dict[str, torch.Tensor] | None, label: torch.Tensor, cfg: TrainConfig, step: int
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its terms: seg (BCE + Dice per head), sim and con (ramped by the warm-up)."""
     lc = cfg.loss
     logits = logits.float()
     seg = balanced_bce_dice(logits[:, 0], label, class_balance=lc.class_balance, dice_weight=lc.dice_weight)
     if logits.shape[1] > 1:
         seg = seg + lc.contour_weight * balanced_bce_dice(
-            logits[:, 1], contour_target(label, lc.contour_width), class_balance=lc.class_balance,
-            dice_weight=lc.dice_weight)
+            logits[:, 1],
+            contour_target(label, lc.contour_width),
+            class_balance=lc.class_balance,
+            dice_weight=lc.dice_weight,
+        )
     total = seg
     terms = {"seg": float(seg.detach())}
     if extra is not None:
         ramp = contrastive_weight(step, lc)
         sim = similarity_loss(extra["anchor"], extra["label"], lc.temperature)
-        con = consistency_loss(extra["anchor"], extra["label"], extra["neighbour"], extra["neighbour_label"],
-                               lc.temperature)
+        con = consistency_loss(
+            extra["anchor"], extra["label"], extra["neighbour"], extra["neighbour_label"], lc.temperature
+        )
         total = total + ramp * (lc.lambda_sim * sim + lc.lambda_con * con)
         terms.update(sim=float(sim.detach()), con=float(con.detach()))
     terms["loss"] = float(total.detach())
@@ -140,8 +145,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate(network: ResUNet, regions: list[LabelledRegion], cfg: TrainConfig,
-             device: torch.device) -> tuple[float, dict[str, float]]:
+def validate(
+    network: ResUNet, regions: list[LabelledRegion], cfg: TrainConfig, device: torch.device
+) -> tuple[float, dict[str, float]]:
     """Tuned threshold and scores (jaccard, dice, miou) over all validation regions."""
     was_training = network.training
     network.eval()
@@ -188,8 +194,15 @@ class MetricsLog:
 def _progress(total: int, start: int, enabled: bool) -> tuple:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+    progress = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        transient=False,
+    )
     task = progress.add_task("train", total=total, completed=start, info="")
     return progress, task
 
@@ -206,8 +219,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_iterations: int | None 
         distributed.teardown(info)
 
 
-def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
-           max_iterations: int | None) -> TrainResult:
+def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_iterations: int | None) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
@@ -240,8 +252,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
     if info.distributed:
         no_contrastive = cfg.loss.lambda_sim == 0 and cfg.loss.lambda_con == 0
         module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=no_contrastive)
+            module,
+            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=no_contrastive,
+        )
     optimizer = make_optimizer(list(network.parameters()), cfg)
     elapsed_before = 0.0
     if payload is not None:
@@ -252,6 +266,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
     def elapsed() -> float:
         """Training wall time over all runs of this schedule, agreed by all ranks."""
         return float(distributed.broadcast_object(elapsed_before + time.perf_counter() - started, info))
+
     stop = min(cfg.optim.iterations, max_iterations or cfg.optim.iterations)
     use_amp = cfg.mixed_precision and info.device.type == "cuda"
     metrics = MetricsLog(out) if info.is_main else None
@@ -261,13 +276,25 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool,
         logger.info("training %s from step %d to %d on %s x%d", cfg.name, step, stop, info.device, info.world_size)
 
     def checkpoint(path: Path, threshold: float, scores: dict[str, float] | None) -> None:
-        metadata = {"train_config": cfg.model_dump(mode="json"), "step": step, "scores": scores,
-                    "split": cfg.data.split_name, "world_size": info.world_size}
-        save_checkpoint(path, network_config=cfg.network, state_dict=network.state_dict(),
-                        optimizer=optimizer.state_dict(), scheduler={"step": step, "elapsed_s": now_elapsed},
-                        step=step,
-                        threshold=threshold, patch_shape=list(cfg.val_patch_shape), best_jaccard=best,
-                        metadata=metadata)
+        metadata = {
+            "train_config": cfg.model_dump(mode="json"),
+            "step": step,
+            "scores": scores,
+            "split": cfg.data.split_name,
+            "world_size": info.world_size,
+        }
+        save_checkpoint(
+            path,
+            network_config=cfg.network,
+            state_dict=network.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler={"step": step, "elapsed_s": now_elapsed},
+            step=step,
+            threshold=threshold,
+            patch_shape=list(cfg.val_patch_shape),
+            best_jaccard=best,
+            metadata=metadata,
+        )
 
     progress, task = _progress(stop, step, info.is_main and sys.stderr.isatty())
     network.train()

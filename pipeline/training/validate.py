@@ -28,9 +28,14 @@ def _gaussian(core: tuple[int, int, int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_volume(network: torch.nn.Module, raw: np.ndarray, patch_shape: tuple[int, int, int],
-                   context: tuple[int, int, int], overlap: float = 0.25,
-                   device: torch.device | str = "cpu") -> np.ndarray:
+def predict_volume(
+    network: torch.nn.Module,
+    raw: np.ndarray,
+    patch_shape: tuple[int, int, int],
+    context: tuple[int, int, int],
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume: patches with overlap, context cropped,
     Gaussian-weighted blending; borders mirrored. The network must be in eval mode."""
     core = tuple(p - 2 * c for p, c in zip(patch_shape, context, strict=True))
@@ -48,8 +53,12 @@ def predict_volume(network: torch.nn.Module, raw: np.ndarray, patch_shape: tuple
                 patch = padded[z : z + patch_shape[0], y : y + patch_shape[1], x : x + patch_shape[2]]
                 tensor = torch.from_numpy(patch.astype(np.float32) / 255.0)[None, None].to(device)
                 prob = torch.sigmoid(network(tensor).float())[0].cpu().numpy()
-                prob = prob[:, context[0] : context[0] + core[0], context[1] : context[1] + core[1],
-                            context[2] : context[2] + core[2]]
+                prob = prob[
+                    :,
+                    context[0] : context[0] + core[0],
+                    context[1] : context[1] + core[1],
+                    context[2] : context[2] + core[2],
+                ]
                 if acc is None:
                     acc = np.zeros((prob.shape[0], *out_shape), dtype=np.float32)
                 box = (slice(z, z + core[0]), slice(y, y + core[1]), slice(x, x + core[2]))
@@ -87,8 +96,9 @@ class ThresholdTuner:
         return threshold, self.counts(threshold)
 
 
-def score_checkpoint(path: str, raw: np.ndarray, label: np.ndarray, overlap: float = 0.25,
-                     threshold: float | None = None) -> dict[str, float]:
+def score_checkpoint(
+    path: str, raw: np.ndarray, label: np.ndarray, overlap: float = 0.25, threshold: float | None = None
+) -> dict[str, float]:
     """Scores of a checkpoint on a (raw, label) volume, predicted with its recommended patch shape and
     Gaussian blending; threshold from the checkpoint unless given."""
     from pipeline.checkpoint import load_checkpoint
