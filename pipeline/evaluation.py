@@ -15,6 +15,7 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.errors import GeometryError
+from pipeline.volumes.base import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,34 @@ def count(prediction: np.ndarray, truth: np.ndarray) -> SemanticCounts:
     return SemanticCounts(tp, fp, fn, pred.size - tp - fp - fn)
 
 
-def binarise(values: np.ndarray, threshold: float) -> np.ndarray:
-    """Foreground mask of a prediction chunk: probabilities (uint8 = p x 255, or float) at `threshold`."""
+def binarise(values: np.ndarray, threshold: float, kind: str = "probability") -> np.ndarray:
+    """Foreground mask of a prediction chunk: probabilities (uint8 = p x 255, or float) at `threshold`,
+    or a label volume (`kind="label"`, any value > 0)."""
+    if kind == "label":
+        return values > 0
     if values.dtype == np.uint8:
         return values >= threshold * 255.0
-    if np.issubdtype(values.dtype, np.floating):
-        return values >= threshold
-    return values > 0  # integer label volume
+    return values >= threshold
+
+
+def prediction_kind(volume: Volume, chunks: tuple[int, int, int]) -> str:
+    """'probability' or 'label' for a prediction volume.
+
+    Floats are probabilities, integers other than uint8 are labels. uint8 is a probability map (x 255)
+    when `segment` recorded provenance on it; otherwise one chunk-by-chunk pass decides: a volume whose
+    values are all 0 or 1 is a mask, anything else a probability map.
+    """
+    dtype = np.dtype(volume.meta.dtype)
+    if np.issubdtype(dtype, np.floating):
+        return "probability"
+    if dtype != np.uint8:
+        return "label"
+    if "checkpoint_hash" in (volume.provenance or {}):
+        return "probability"
+    for roi in chunk_rois(tuple(volume.meta.shape), chunks):
+        if volume.read(roi)[0].max() > 1:
+            return "probability"
+    return "label"
 
 
 def chunk_rois(shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> Iterator[Roi]:
@@ -90,11 +112,17 @@ def default_threshold(provenance: dict) -> float:
 
 
 def evaluate_semantic(
-    prediction_url: str, truth_url: str, threshold: float | None = None, *, chunks: tuple[int, int, int] | None = None
+    prediction_url: str,
+    truth_url: str,
+    threshold: float | None = None,
+    *,
+    kind: str = "auto",
+    chunks: tuple[int, int, int] | None = None,
 ) -> dict[str, float]:
     """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
 
-    Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5.
+    Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5. `kind` is
+    'probability', 'label' or 'auto' (see `prediction_kind`).
     Returns {"jaccard", "dice", "miou", "threshold"}.
     """
     from pipeline.volumes import open_volume
@@ -107,9 +135,12 @@ def evaluate_semantic(
         )
     if threshold is None:
         threshold = default_threshold(pred_vol.provenance)
+    grid = chunks or tuple(pred_vol.meta.chunks)
+    if kind == "auto":
+        kind = prediction_kind(pred_vol, grid)
     total = SemanticCounts()
-    for roi in chunk_rois(tuple(pred_vol.meta.shape), chunks or tuple(pred_vol.meta.chunks)):
-        pred = binarise(pred_vol.read(roi)[0], threshold)
+    for roi in chunk_rois(tuple(pred_vol.meta.shape), grid):
+        pred = binarise(pred_vol.read(roi)[0], threshold, kind)
         total = total + count(pred, truth_vol.read(roi)[0] > 0)
     return {**total.scores(), "threshold": float(threshold)}
 
@@ -125,9 +156,11 @@ def register_metrics(provider: MetricProvider) -> MetricProvider:
     return provider
 
 
-def evaluate_all(prediction_url: str, truth_url: str, threshold: float | None = None) -> dict[str, float]:
+def evaluate_all(
+    prediction_url: str, truth_url: str, threshold: float | None = None, kind: str = "auto"
+) -> dict[str, float]:
     """Semantic scores plus those of every registered provider (called with the resolved threshold)."""
-    scores = evaluate_semantic(prediction_url, truth_url, threshold)
+    scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind)
     for provider in _PROVIDERS:
         scores.update(provider(prediction_url, truth_url, scores["threshold"]))
     return scores

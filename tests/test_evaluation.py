@@ -63,6 +63,8 @@ def test_label_and_float_predictions(tmp_path: Path) -> None:
     labels = np.zeros((2, 4, 4), np.uint32)
     labels[0, :2] = 7
     assert evaluate_semantic(_write(str(tmp_path / "l.zarr"), labels), t_url)["jaccard"] == 0.5
+    mask = (labels > 0).astype(np.uint8)  # a 0/1 uint8 mask without provenance is a label volume
+    assert evaluate_semantic(_write(str(tmp_path / "m.zarr"), mask), t_url)["jaccard"] == 0.5
     floats = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
     assert evaluate_semantic(_write(str(tmp_path / "f.zarr"), floats), t_url)["dice"] == 1.0
 

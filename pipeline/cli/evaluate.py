@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Annotated
 
 import typer
+
+
+class PredictionKind(str, Enum):
+    """How the prediction volume is read."""
+
+    auto = "auto"
+    probability = "probability"
+    label = "label"
 
 
 def evaluate(
@@ -15,12 +24,19 @@ def evaluate(
         float | None,
         typer.Option("--threshold", min=0.0, max=1.0, help="Probability threshold; default from provenance, else 0.5."),
     ] = None,
+    kind: Annotated[
+        PredictionKind,
+        typer.Option(
+            "--kind",
+            help="Prediction kind; auto: floats and uint8 written by segment are probabilities, 0/1 masks labels.",
+        ),
+    ] = PredictionKind.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Foreground IoU (Jaccard), Dice and mean IoU of a prediction against ground truth."""
     from pipeline.evaluation import evaluate_all
 
-    scores = evaluate_all(prediction, truth, threshold)
+    scores = evaluate_all(prediction, truth, threshold, kind.value)
     if as_json:
         typer.echo(json.dumps(scores))
         return
