@@ -84,7 +84,7 @@ def run_case(client, root: Path, name: str, shape, block, chunks, centres, radii
         "border objects": border_objects(pq.read_table(cfg.table), block),
         "equivalences": result.equivalences,
         "border IDs": result.border_ids,
-        **{f"{stage} s": result.seconds.get(stage, 0.0) for stage in ("decode", "match", "merge", "relabel")},
+        **{f"{stage} s": result.seconds.get(stage, 0.0) for stage in ("decode", "match", "fixup", "merge", "relabel")},
         "Mvox/s": voxels / total / 1e6,
     }
 

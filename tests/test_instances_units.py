@@ -12,6 +12,7 @@ from daisy import Roi
 from pipeline.config.instances import DecodeConfig
 from pipeline.errors import GeometryError
 from pipeline.instances.decode import decode_block
+from pipeline.instances.fixup import plan_fixups
 from pipeline.instances.ids import block_of, check_id_space, id_stride, to_provisional
 from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
 from pipeline.instances.measure import ObjectStats, block_stats, measure_labels, merge_stats
@@ -201,3 +202,19 @@ def test_merge_attaches_orphans_keeps_seeds_apart_and_drops_small_or_unseeded():
     assert small.row_final.tolist() == [1, 0, 1, 1, 0]
     tables = block_tables(np.array([0, 1, 2]), np.array([2, 3, 0]), merged.row_final)
     assert [t.tolist() for t in tables.values()] == [[0, 1, 2], [0, 1, 1, 0], [0]]
+
+
+def test_plan_fixups_lists_regions_crossing_blocks_with_several_seeds():
+    # stride 100: block 0 holds 1, 2 (one foreground region, two seeds), block 1 holds 101 (seed, linked to 1),
+    # 102 (orphan touching 2) and 103 (seeded, alone in its block); 201 in block 2 crosses into block 1 with one seed
+    stats = _stats([1, 2, 101, 102, 103, 104, 201], [True, True, True, False, True, False, True], [9] * 7)
+    stats.bbox_min[2] = [0, 0, 5]
+    stats.bbox_max[1] = [3, 4, 2]
+    components = np.array([1, 1, 101, 102, 103, 104, 201], np.uint64)
+    links = np.array([[101, 1]], np.uint64)
+    touches = np.array([[101, 1], [102, 2], [201, 104]], np.uint64)
+    fixups, fixed = plan_fixups(stats, components, links, touches, stride=100)
+    assert fixed.tolist() == [True, True, True, True, False, False, False]
+    (fixup,) = fixups
+    assert fixup.key == 1 and fixup.members.tolist() == [1, 2, 101, 102]
+    assert (fixup.begin, fixup.end) == ((0, 0, 0), (3, 4, 2))

@@ -35,5 +35,10 @@ def print_instances(console: Console, result: Any) -> None:
             f"instances: {result.num_objects} objects; {result.equivalences} equivalences across block faces "
             f"({result.border_ids} border IDs); output {result.output}"
         )
+        if getattr(result, "fixups", 0):
+            console.print(
+                f"watershed: {result.fixups} foreground region(s) crossing block borders with several seeds "
+                f"decoded whole in {result.seconds.get('fixup', 0.0):.1f} s"
+            )
         if result.table:
             console.print(f"table: {result.table}")

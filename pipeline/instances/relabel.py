@@ -24,6 +24,8 @@ class Merged:
     """Unique provisional ID pairs found across block faces (the equivalence table)."""
     border_ids: int
     """Provisional IDs that take part in some equivalence."""
+    extra_final: np.ndarray | None = None
+    """Final ID of each row of the `extra` statistics (0 = removed), None without extra rows."""
 
 
 def merge_objects(
@@ -32,12 +34,17 @@ def merge_objects(
     touches: np.ndarray,
     contacts: np.ndarray,
     min_size: int,
+    fixed: np.ndarray | None = None,
+    extra: ObjectStats | None = None,
 ) -> Merged:
     """Union-find over the face pairs, then drop unseeded and small objects and number the rest.
 
     `links` always join (same connected component, or same watershed seed); `touches` join only while at
     most one side holds a seed, so that foreground pieces no seed of their own block reached attach to a
     neighbouring object while two seeded objects never merge.
+
+    Rows flagged in `fixed` (pieces of components decoded again as a whole) are dropped and replaced by the
+    `extra` objects (whole objects, all seeded), numbered after the others.
     """
     uf = UnionFind()
     if len(touches):
@@ -50,12 +57,23 @@ def merge_objects(
     contact_roots = uf.roots(contacts[:, :2].ravel()).reshape(-1, 2) if len(contacts) else contacts[:, :2]
     merged = merge_stats(stats, roots, contacts, contact_roots)
     keep = merged.seeded & (merged.voxels >= min_size)
+    if fixed is not None and fixed.any():
+        keep &= ~np.isin(merged.ids, roots[fixed])
     final_of_root = np.zeros(len(merged.ids), np.uint64)
     final_of_root[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint64)
     row_final = final_of_root[np.searchsorted(merged.ids, roots)] if len(roots) else np.zeros(0, np.uint64)
     objects = ObjectStats(**{name: getattr(merged, name)[keep] for name in ObjectStats.FIELDS})
+    final_ids = final_of_root[keep]
+    extra_final = None
+    if extra is not None:
+        extra_keep = extra.voxels >= min_size
+        extra_final = np.zeros(len(extra), np.uint64)
+        extra_final[extra_keep] = np.arange(1, int(extra_keep.sum()) + 1, dtype=np.uint64) + np.uint64(len(final_ids))
+        kept = ObjectStats(**{name: getattr(extra, name)[extra_keep] for name in ObjectStats.FIELDS})
+        objects = ObjectStats.concat([objects, kept])
+        final_ids = np.concatenate([final_ids, extra_final[extra_keep]])
     equivalences = len(np.unique(np.concatenate([links, touches]).reshape(-1, 2), axis=0))
-    return Merged(objects, final_of_root[keep], row_final, equivalences, len(uf))
+    return Merged(objects, final_ids, row_final, equivalences, len(uf), extra_final)
 
 
 def block_tables(block_ids: np.ndarray, counts: np.ndarray, row_final: np.ndarray) -> dict[int, np.ndarray]:

@@ -5,12 +5,14 @@ statistics; pass 2 finds the provisional IDs that continue across block faces; t
 union-find and numbers the final objects 1..N; pass 3 writes the final IDs block by block. Passes 1 and 3
 write whole chunks of their own block only; every pass is resumable through done-records.
 
-What equals decoding the whole region as one block (up to renumbering of IDs):
-- components (mask only): always, for every block size and connectivity;
-- watershed: every object whose foreground component holds a single seed, and every seedless component
-  (removed); where several seeds share one foreground component, each seed still becomes exactly one object
-  and every seed voxel is labelled alike, but the border between such touching objects may move near block
-  borders, since each block floods from its own seeds.
+Watershed adds a fix-up step between match and merge (see `pipeline.instances.fixup`): a foreground component
+that crosses block borders and holds several seed components is decoded again as a whole over its bounding
+box, one Dask task per component, and its objects replace the per-block pieces.
+
+What equals decoding the whole region as one block (up to renumbering of IDs), for every block size and
+connectivity: components (mask only) always; watershed always too, provided the bounding box of every
+foreground component that crosses block borders with several seeds fits in a worker's memory (mitochondria are
+small). Small-object removal, the numbering 1..N and the measurements follow.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from daisy import Roi
 from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import ConfigError, GeometryError, StorageError
 from pipeline.execution import RunResult, run_blockwise
+from pipeline.instances.fixup import Fixup, plan_fixups
 from pipeline.instances.ids import check_id_space, id_stride
 from pipeline.instances.measure import ObjectStats, object_table, write_table
 from pipeline.instances.relabel import Merged, block_tables, merge_objects
-from pipeline.instances.tasks import BlockFiles, DecodeTask, MatchTask, RelabelTask, StageSpec
+from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
 from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
 from pipeline.resume import DoneMarkers, job_key, state_location
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
@@ -53,6 +56,8 @@ class InstancesResult:
     num_objects: int = 0
     equivalences: int = 0
     border_ids: int = 0
+    fixups: int = 0
+    """Watershed: foreground components that crossed block borders with several seeds, decoded as a whole."""
     table: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -148,6 +153,8 @@ class PassFiles:
 
     stats: ObjectStats
     counts: np.ndarray
+    components: np.ndarray
+    """Provisional foreground-component ID of each row (watershed; the row's own ID otherwise)."""
     links: np.ndarray
     touches: np.ndarray
     contacts: np.ndarray
@@ -155,7 +162,8 @@ class PassFiles:
 
 def _load_pass_files(files: BlockFiles, plan: BlockPlan) -> PassFiles:
     ids = list(range(plan.num_blocks))
-    stats = [ObjectStats.from_arrays(a) for a in files.get_many([f"stats/{b}.npz" for b in ids])]
+    stored = files.get_many([f"stats/{b}.npz" for b in ids])
+    stats = [ObjectStats.from_arrays(a) for a in stored]
     matches = files.get_many([f"match/{b}.npz" for b in ids])
 
     def stack(name: str, width: int) -> np.ndarray:
@@ -164,6 +172,7 @@ def _load_pass_files(files: BlockFiles, plan: BlockPlan) -> PassFiles:
     return PassFiles(
         ObjectStats.concat(stats),
         np.array([len(s) for s in stats], dtype=np.int64),
+        np.concatenate([np.zeros(0, np.uint64)] + [a.get("components", a["ids"]) for a in stored]),
         stack("links", 2),
         stack("touches", 2),
         stack("contacts", 4),
@@ -244,8 +253,8 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
         return result
 
     clock = time.perf_counter()
-    merged = _merge(BlockFiles(spec.files), plan, job.decode, cfg.dtype)
-    result.seconds["merge"] = time.perf_counter() - clock
+    merged = _merge(client, spec, plan, cfg.dtype, result)
+    result.seconds["merge"] = time.perf_counter() - clock - result.seconds.get("fixup", 0.0)
     result.num_objects, result.equivalences = len(merged.final_ids), merged.equivalences
     result.border_ids = merged.border_ids
 
@@ -272,15 +281,58 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     return result
 
 
-def _merge(files: BlockFiles, plan: BlockPlan, decode: DecodeConfig, dtype: str) -> Merged:
-    """Union-find on the client, final numbering, and one ID table per block for the relabel pass."""
+def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult) -> Merged:
+    """Fix-ups on Dask, union-find on the client, final numbering, and one ID table per block for relabelling."""
+    files, decode = BlockFiles(spec.files), spec.decode
     loaded = _load_pass_files(files, plan)
-    merged = merge_objects(loaded.stats, loaded.links, loaded.touches, loaded.contacts, decode.min_size)
+    fixups: list[Fixup] = []
+    fixed = None
+    if decode.method == "watershed":
+        fixups, fixed = plan_fixups(loaded.stats, loaded.components, loaded.links, loaded.touches, spec.stride)
+    clock = time.perf_counter()
+    extra = _run_fixups(client, spec, fixups)
+    result.seconds["fixup"] = time.perf_counter() - clock
+    result.fixups = len(fixups)
+    merged = merge_objects(
+        loaded.stats, loaded.links, loaded.touches, loaded.contacts, decode.min_size, fixed, ObjectStats.concat(extra)
+    )
     if len(merged.final_ids) > np.iinfo(np.dtype(dtype)).max:
         raise ConfigError(f"{len(merged.final_ids)} objects do not fit {dtype} labels; use dtype uint64")
     tables = block_tables(np.arange(plan.num_blocks), loaded.counts, merged.row_final)
-    files.put_many({f"map/{block_id}.npz": {"final": table} for block_id, table in tables.items()})
+    fixup_tables = _fixup_tables(extra, merged.extra_final)
+    boxes = np.array([[*f.begin, *f.end] for f in fixups], dtype=np.int64).reshape(-1, 6)
+    maps = {}
+    for block in plan.blocks():
+        begin, end = np.array(block.write_roi.begin), np.array(block.write_roi.end)
+        meets = np.flatnonzero(np.all(boxes[:, :3] < end, axis=1) & np.all(boxes[:, 3:] > begin, axis=1))
+        block_id = block.block_id[1]
+        chosen = [fixup_tables[i] for i in meets.tolist()]
+        maps[f"map/{block_id}.npz"] = {
+            "final": tables[block_id],
+            "fixups": np.array([fixups[i].key for i in meets.tolist()], dtype=np.uint64),
+            "fixup_offsets": np.cumsum([0] + [len(t) for t in chosen]).astype(np.int64),
+            "fixup_final": np.concatenate([np.zeros(0, np.uint64), *chosen]),
+        }
+    files.put_many(maps)
     return merged
+
+
+def _run_fixups(client: Any, spec: StageSpec, fixups: list[Fixup]) -> list[ObjectStats]:
+    """Decode every listed component as a whole on the Dask cluster; their objects' statistics, in order."""
+    if not fixups:
+        return []
+    futures = client.map(FixupTask(spec), fixups, pure=False, retries=2)
+    return [ObjectStats.from_arrays(arrays) for arrays in client.gather(futures)]
+
+
+def _fixup_tables(extra: list[ObjectStats], extra_final: np.ndarray | None) -> list[np.ndarray]:
+    """Per fixed component, the final ID of each of its local labels (index 0 = background)."""
+    tables, start = [], 0
+    for stats in extra:
+        assert extra_final is not None
+        tables.append(np.concatenate([np.zeros(1, np.uint64), extra_final[start : start + len(stats)]]))
+        start += len(stats)
+    return tables
 
 
 def _remove_state(state: str, markers: list[DoneMarkers]) -> None:

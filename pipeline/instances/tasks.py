@@ -17,7 +17,8 @@ from daisy import Block, Roi
 
 from pipeline.config.instances import DecodeConfig
 from pipeline.errors import StorageError
-from pipeline.instances.decode import decode_block, probabilities, seed_mask
+from pipeline.instances.decode import decode_block, decode_component, probabilities, seed_mask
+from pipeline.instances.fixup import Fixup
 from pipeline.instances.ids import block_base, to_provisional
 from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
 from pipeline.instances.measure import block_stats
@@ -113,8 +114,10 @@ class DecodeTask:
         low = [b <= r for b, r in zip(roi.begin, spec.region.begin, strict=True)]
         high = [e >= r for e, r in zip(roi.end, spec.region.end, strict=True)]
         stats = block_stats(decoded.labels, decoded.num_labels, decoded.num_seeded, roi.begin, low, high)
-        stats.ids = stats.ids + np.uint64(block_base(block_id, spec.stride))
-        BlockFiles(spec.files).put(f"stats/{block_id}.npz", **stats.to_arrays())
+        base = np.uint64(block_base(block_id, spec.stride))
+        stats.ids = stats.ids + base
+        components = stats.ids if decoded.components is None else decoded.components.astype(np.uint64) + base
+        BlockFiles(spec.files).put(f"stats/{block_id}.npz", components=components, **stats.to_arrays())
         return decoded.num_labels
 
 
@@ -158,10 +161,44 @@ class RelabelTask:
 
     def __call__(self, block: Block) -> int:
         spec, roi, block_id = self.spec, block.write_roi, block.block_id[1]
-        table = BlockFiles(spec.files).get(f"map/{block_id}.npz")["final"]
+        maps = BlockFiles(spec.files).get(f"map/{block_id}.npz")
+        table = maps["final"]
         labels = spec.volume(spec.scratch_url).read(roi)[0]
         base = np.uint64(block_base(block_id, spec.stride))
         local = np.where(labels == 0, np.uint64(0), labels - base).astype(np.intp)
         out = table[local].astype(self.dtype)
+        offsets = maps["fixup_offsets"].tolist()
+        for i, key in enumerate(maps["fixups"].tolist()):
+            self._overlay(out, roi, key, maps["fixup_final"][offsets[i] : offsets[i + 1]])
         spec.volume(self.output_url, "r+").write(roi, out[None])
         return int(len(table) - 1)
+
+    def _overlay(self, out: np.ndarray, roi: Roi, key: int, final: np.ndarray) -> None:
+        """Write the final IDs of a component decoded as a whole where its box meets the block."""
+        stored = BlockFiles(self.spec.files).get(f"fixup/{key}.npz")
+        labels, begin = stored["labels"], stored["begin"]
+        box = Roi(tuple(int(b) for b in begin), labels.shape).intersect(roi)
+        inner = tuple(slice(b - o, e - o) for b, e, o in zip(box.begin, box.end, begin.tolist(), strict=True))
+        outer = tuple(slice(b - o, e - o) for b, e, o in zip(box.begin, box.end, roi.begin, strict=True))
+        crop = labels[inner]
+        view = out[outer]
+        view[crop != 0] = final[crop[crop != 0]].astype(out.dtype)
+
+
+@dataclass(frozen=True)
+class FixupTask:
+    """Decode one foreground component that crosses block borders with several seeds, as a whole.
+
+    Stores the component's local labels over its bounding box for the relabel pass and returns the statistics
+    of its objects (local IDs 1..k).
+    """
+
+    spec: StageSpec
+
+    def __call__(self, fixup: Fixup) -> dict[str, np.ndarray]:
+        spec, roi = self.spec, fixup.roi
+        probs = probabilities(spec.volume(spec.input_url).read(roi))
+        inside = np.isin(spec.volume(spec.scratch_url).read(roi)[0], fixup.members)
+        labels, k = decode_component(probs, inside, spec.decode)
+        BlockFiles(spec.files).put(f"fixup/{fixup.key}.npz", labels=labels, begin=np.array(roi.begin, np.int64))
+        return block_stats(labels, k, k, roi.begin).to_arrays()
