@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,22 +145,13 @@ def evaluate_semantic(
     return {**total.scores(), "threshold": float(threshold)}
 
 
-MetricProvider = Callable[[str, str, float], dict[str, float]]
-_PROVIDERS: list[MetricProvider] = []
-
-
-def register_metrics(provider: MetricProvider) -> MetricProvider:
-    """Add a metric family (e.g. instance metrics) to `evaluate_all`; usable as a decorator."""
-    if provider not in _PROVIDERS:
-        _PROVIDERS.append(provider)
-    return provider
-
-
 def evaluate_all(
     prediction_url: str, truth_url: str, threshold: float | None = None, kind: str = "auto"
 ) -> dict[str, float]:
-    """Semantic scores plus those of every registered provider (called with the resolved threshold)."""
+    """Semantic scores, plus AP-50/AP-75 and object precision/recall when the prediction holds instance labels."""
+    from pipeline.instance_metrics import instance_scores, is_label_volume
+
     scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind)
-    for provider in _PROVIDERS:
-        scores.update(provider(prediction_url, truth_url, scores["threshold"]))
+    if is_label_volume(prediction_url):
+        scores.update(instance_scores(prediction_url, truth_url))
     return scores

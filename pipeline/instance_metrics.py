@@ -173,13 +173,3 @@ def is_label_volume(url: str) -> bool:
     meta = open_volume(url).meta
     integer = np.issubdtype(meta.dtype, np.integer)
     return integer and (meta.layer_type == "segmentation" or meta.dtype.itemsize >= 4)
-
-
-def instance_metric_provider(prediction_url: str, truth_url: str, threshold: float) -> dict[str, float]:
-    """For `pipeline.evaluation.register_metrics`: instance scores when the prediction is a label volume.
-
-    A probability prediction has no instances and gives no scores; `threshold` (semantic) is not used.
-    """
-    if not is_label_volume(prediction_url):
-        return {}
-    return instance_scores(prediction_url, truth_url)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, GeometryError
-from pipeline.instance_metrics import instance_metric_provider, instance_scores, instance_scores_arrays
+from pipeline.evaluation import evaluate_all
+from pipeline.instance_metrics import instance_scores, instance_scores_arrays
 from pipeline.volumes import VolumeMeta, create_volume
 
 
@@ -117,7 +118,7 @@ def test_volume_scores_refuse_mismatched_shapes_and_non_labels(tmp_path):
         instance_scores(f, t)
 
 
-def test_the_evaluate_provider_scores_label_volumes_only(tmp_path):
+def test_evaluate_adds_instance_scores_for_label_volumes_only(tmp_path):
     labels = np.zeros((4, 8, 8), np.uint64)
     labels[1:3, 2:6, 2:6] = 7
     truth = _write(str(tmp_path / "truth.zarr"), (labels > 0).astype(np.uint8))
@@ -125,5 +126,7 @@ def test_the_evaluate_provider_scores_label_volumes_only(tmp_path):
     probs = str(tmp_path / "probs.zarr")
     meta = VolumeMeta(shape=(4, 8, 8), dtype=np.dtype(np.uint8), chunks=(2, 4, 4))
     create_volume(probs, meta).write(meta.roi, (labels > 0).astype(np.uint8)[None] * 255)
-    assert instance_metric_provider(pred, truth, 0.5)["ap75"] == 1.0
-    assert instance_metric_provider(probs, truth, 0.5) == {}
+    label_scores = evaluate_all(pred, truth)
+    assert label_scores["ap75"] == 1.0 and label_scores["jaccard"] == 1.0
+    prob_scores = evaluate_all(probs, truth)
+    assert "ap75" not in prob_scores and prob_scores["jaccard"] == 1.0
