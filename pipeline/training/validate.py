@@ -88,7 +88,7 @@ class ThresholdTuner:
         fn, tn = int(self.fg[:cut].sum()), int(self.bg[:cut].sum())
         return SemanticCounts(tp, fp, fn, tn)
 
-    def best(self, low: float = 0.1, high: float = 0.95) -> tuple[float, SemanticCounts]:
+    def best(self, low: float = 0.05, high: float = 0.99) -> tuple[float, SemanticCounts]:
         """The threshold in [low, high] with the highest Jaccard, and its counts."""
         candidates = [c / _BINS for c in range(int(low * _BINS), int(high * _BINS) + 1)]
         scored = [(self.counts(t).jaccard, t) for t in candidates]
