@@ -55,6 +55,10 @@ def test_cli_error_exit_status_and_message(tmp_path: Path) -> None:
         "1,2",
     )
     assert out.returncode == 2 and "--block-size '1,2' must be three integers" in out.stderr
+    out = mitoseg("evaluate", "--prediction", "a", "--truth", "b", "--kind", "bogus")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "'bogus' is not one of" in out.stderr
+    out = mitoseg("segment", "--workers", "two")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     out = mitoseg("segment", str(tmp_path / "nope.yaml"))
     assert out.returncode == 2 and "nope.yaml does not exist" in out.stderr
 

@@ -67,10 +67,8 @@ def main() -> None:
         sys.exit(stop.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except typer.TyperException as err:  # usage errors (bad option values) arrive here in non-standalone mode
+        if not hasattr(err, "show"):
+            raise
+        err.show()
+        sys.exit(getattr(err, "exit_code", 2))
