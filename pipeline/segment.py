@@ -19,7 +19,7 @@ from pipeline.execution import RunResult, run_blockwise
 from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
 from pipeline.resume import DoneMarkers, job_key
 from pipeline.stitching import PatchGrid
-from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
+from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, volume_exists
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class SegmentRun:
     plan: BlockPlan
     job: Any  # workers.predict.PredictJob
     done: DoneMarkers | None
-    network: NetworkInfo
     outputs: list[str]
 
 
@@ -173,7 +172,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         output_dtype=config.output_dtype,
         blending=config.blending,
     )
-    return SegmentRun(config, plan, job, done, net, outputs)
+    return SegmentRun(config, plan, job, done, outputs)
 
 
 def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = True) -> SegmentResult:
@@ -224,7 +223,7 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
         from pipeline.viewing.pyramid import add_pyramid
 
         for url in result.outputs:
-            if result.run.completed == 0 and _has_pyramid(url):
+            if result.run.completed == 0 and volume_exists(url, scale=1):
                 continue  # nothing changed since the pyramid was built: a re-run stays a no-op
             pyramid = add_pyramid(client, url, progress=progress)
             result.extra.setdefault("pyramid_levels", {})[url] = len(pyramid.levels)
@@ -235,11 +234,3 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
         follow = follow.model_copy(update={"input": follow.input or result.outputs[0]})
         result.extra["instances"] = run_instances(follow, client, progress=progress)
     return result
-
-
-def _has_pyramid(url: str) -> bool:
-    try:
-        open_volume(url, scale=1)
-    except StorageError:
-        return False
-    return True

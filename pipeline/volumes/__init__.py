@@ -32,12 +32,12 @@ def create_volume(url: str | VolumeURL, meta: VolumeMeta, attributes: dict[str, 
     return _backend(parsed).create(parsed, meta, attributes)
 
 
-def volume_exists(url: str | VolumeURL) -> bool:
-    """Whether a volume can be opened at `url`."""
+def volume_exists(url: str | VolumeURL, scale: int = 0) -> bool:
+    """Whether a volume (at scale level `scale`) can be opened at `url`."""
     from pipeline.errors import StorageError
 
     try:
-        open_volume(url)
+        open_volume(url, scale=scale)
     except StorageError:
         return False
     return True
