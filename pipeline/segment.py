@@ -147,6 +147,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         network=net.content_hash,
         dtype=config.output_dtype,
         blending=config.blending,
+        tta=config.tta,
         outputs=outputs,
     )
     done = DoneMarkers(volumes[0].url.location, key)
@@ -160,6 +161,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "threshold": net.threshold,
         "channels": ["mitochondrion", "contour"][: net.out_channels],
         "output_dtype": config.output_dtype,
+        "tta": config.tta,
         "roi": roi_key(roi),
     }
     for volume in volumes:
@@ -171,6 +173,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         grid=grid,
         output_dtype=config.output_dtype,
         blending=config.blending,
+        tta=config.tta,
     )
     return SegmentRun(config, plan, job, done, outputs)
 

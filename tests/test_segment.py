@@ -231,3 +231,22 @@ def test_unreadable_input_chunk_fails_only_its_blocks(clients, tiny_checkpoint, 
     run = segment(cfg, client=clients[2], progress=False).run
     assert 0 < run.failed < run.total and run.completed == run.total - run.failed
     assert all("chunk 16,64,64:8,16,8" in f.error for f in run.failures)
+
+
+def test_test_time_augmentation_stays_seam_free_and_is_its_own_job(
+    clients, raw_url, tiny_checkpoint, reference, tmp_path
+):
+    one = f"zarr://file://{tmp_path}/one.zarr/probs"
+    many = f"zarr://file://{tmp_path}/many.zarr/probs"
+    whole = segment(
+        config(raw_url, one, tiny_checkpoint, block_size=(32, 96, 96), tta="yx"), client=clients[1], progress=False
+    )
+    split = segment(
+        config(raw_url, many, tiny_checkpoint, block_size=(8, 32, 48), tta="yx"), client=clients[2], progress=False
+    )
+    assert whole.run.ok and split.run.ok and split.run.total > 1
+    assert np.abs(read_all(many).astype(int) - read_all(one).astype(int)).max() <= 1
+    assert np.abs(read_all(one).astype(int) - reference.astype(int)).max() > 1  # the averaging did change voxels
+    assert open_volume(one).provenance["tta"] == "yx"
+    plain = segment(config(raw_url, one, tiny_checkpoint, block_size=(32, 96, 96)), client=clients[1], progress=False)
+    assert plain.run.completed == 1 and whole.job_key != plain.job_key  # no stale marks across TTA modes

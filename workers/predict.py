@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from daisy import Block
 
 from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, to_output_dtype
+from pipeline.tta import TTAMode
 from pipeline.volumes import Volume, open_volume
 from workers.predictor import scale_input
 
@@ -23,6 +24,7 @@ class PredictJob:
     grid: PatchGrid
     output_dtype: str = "uint8"
     blending: Blending = "gaussian"
+    tta: TTAMode = "none"
 
 
 @lru_cache(maxsize=16)
@@ -43,7 +45,8 @@ def predict_block(block: Block, job: PredictJob, predictor: Any = None) -> int:
     source = _open(job.input_url, "r")
     read_roi = job.grid.read_roi(block.write_roi)
     raw = scale_input(read_mirrored(source.read, read_roi, job.volume_shape))
-    probs = predict_region(raw, read_roi, block.write_roi, job.grid, predictor, job.blending)
+    patch_fn = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
+    probs = predict_region(raw, read_roi, block.write_roi, job.grid, patch_fn, job.blending)
     data = to_output_dtype(probs, job.output_dtype)
     for url in job.output_urls:
         _open(url, "r+").write(block.write_roi, data)

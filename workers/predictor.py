@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.tta import TTAMode, predict_probabilities
+
 log = logging.getLogger(__name__)
 
 
@@ -79,21 +81,25 @@ class Predictor:
         self.network = fast
         self.memory_format = torch.channels_last_3d
 
-    def __call__(self, patch: np.ndarray) -> np.ndarray:
+    def _logits(self, batch: Any) -> Any:
+        import torch
+
+        batch = batch.contiguous(memory_format=self.memory_format)
+        if self.autocast_dtype is None:
+            return self.network(batch)
+        with torch.autocast(self.device, dtype=self.autocast_dtype):
+            return self.network(batch)
+
+    def __call__(self, patch: np.ndarray, tta: TTAMode = "none") -> np.ndarray:
+        """Probabilities of one patch, averaged over the test-time augmentation variants of `tta`."""
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None].to(self.device)
-            x = x.contiguous(memory_format=self.memory_format)
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device, dtype=self.autocast_dtype):
-                    logits = self.network(x)
-            else:
-                logits = self.network(x)
+            probs = predict_probabilities(self._logits, x, tta)
             cz, cy, cx = self.context
-            z, y, xx = logits.shape[2:]
-            probs = torch.sigmoid(logits[0, :, cz : z - cz, cy : y - cy, cx : xx - cx].float())
-            return probs.cpu().numpy()
+            z, y, xx = probs.shape[2:]
+            return probs[0, :, cz : z - cz, cy : y - cy, cx : xx - cx].cpu().numpy()
 
 
 def scale_input(raw: np.ndarray) -> np.ndarray:

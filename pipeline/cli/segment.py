@@ -33,6 +33,9 @@ def segment(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
+    tta: Annotated[
+        str | None, typer.Option("--tta", help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).")
+    ] = None,
     instances: Annotated[
         str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")
     ] = None,
@@ -57,6 +60,7 @@ def segment(
         "scheduler": scheduler,
         "roi": roi,
         "resume": False if no_resume else None,
+        "tta": tta,
     }
     cfg = load_config(SegmentConfig, config, overrides)
     if instances:

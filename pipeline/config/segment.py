@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config.instances import InstancesConfig
+from pipeline.tta import TTAMode
 
 Vec3 = tuple[int, int, int]
 
@@ -42,6 +43,9 @@ class SegmentConfig(BaseModel):
     patch_shape: Vec3 | None = Field(None, description="Network input patch (z, y, x); the checkpoint's when absent.")
     overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Fraction by which neighbouring output tiles overlap.")
     blending: Literal["gaussian", "bump", "constant"] = Field("gaussian", description="Weights across a tile.")
+    tta: TTAMode = Field(
+        "none", description="Test-time augmentation: yx averages 8 in-plane flips/swaps, zyx 16; as many passes."
+    )
     output_dtype: Literal["uint8", "float16", "float32"] = Field(
         "uint8", description="uint8 stores probability x 255; float16/float32 store the probability."
     )

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluation import SemanticCounts, count
+from pipeline.tta import TTAMode, predict_probabilities
 
 _BINS = 200
 
@@ -35,9 +36,10 @@ def predict_volume(
     context: tuple[int, int, int],
     overlap: float = 0.25,
     device: torch.device | str = "cpu",
+    tta: TTAMode = "none",
 ) -> np.ndarray:
     """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume: patches with overlap, context cropped,
-    Gaussian-weighted blending; borders mirrored. The network must be in eval mode."""
+    Gaussian-weighted blending, test-time augmentation `tta`; borders mirrored. The network must be in eval mode."""
     core = tuple(p - 2 * c for p, c in zip(patch_shape, context, strict=True))
     stride = tuple(max(1, int(round(c * (1 - overlap)))) for c in core)
     out_shape = tuple(max(s, c) for s, c in zip(raw.shape, core, strict=True))
@@ -52,7 +54,7 @@ def predict_volume(
             for x in grid[2]:
                 patch = padded[z : z + patch_shape[0], y : y + patch_shape[1], x : x + patch_shape[2]]
                 tensor = torch.from_numpy(patch.astype(np.float32) / 255.0)[None, None].to(device)
-                prob = torch.sigmoid(network(tensor).float())[0].cpu().numpy()
+                prob = predict_probabilities(network, tensor, tta)[0].cpu().numpy()
                 prob = prob[
                     :,
                     context[0] : context[0] + core[0],
@@ -97,13 +99,18 @@ class ThresholdTuner:
 
 
 def score_checkpoint(
-    path: str, raw: np.ndarray, label: np.ndarray, overlap: float = 0.25, threshold: float | None = None
+    path: str,
+    raw: np.ndarray,
+    label: np.ndarray,
+    overlap: float = 0.25,
+    threshold: float | None = None,
+    tta: TTAMode = "none",
 ) -> dict[str, float]:
-    """Scores of a checkpoint on a (raw, label) volume, predicted with its recommended patch shape and
-    Gaussian blending; threshold from the checkpoint unless given."""
+    """Scores of a checkpoint on a (raw, label) volume, predicted with its recommended patch shape,
+    Gaussian blending and test-time augmentation `tta`; threshold from the checkpoint unless given."""
     from pipeline.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
-    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap)
+    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=tta)
     cut = loaded.threshold if threshold is None else threshold
     return {**count(prob[0] >= cut, label > 0).scores(), "threshold": cut}
