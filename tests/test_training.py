@@ -86,6 +86,22 @@ def test_resume_continues_the_same_schedule_exactly(tmp_path: Path) -> None:
     assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
 
 
+def test_init_from_starts_a_fresh_schedule_from_saved_weights(tmp_path: Path) -> None:
+    from pipeline.checkpoint import export_checkpoint
+
+    source = train(tiny_config(tmp_path / "a"), max_iterations=4)
+    export_checkpoint(source.last_checkpoint, tmp_path / "small.pt")  # no projection head: still a valid start
+    cfg = tiny_config(tmp_path / "b", init_from=str(tmp_path / "small.pt"), optim={"lr": 1e-12, "min_lr": 1e-12})
+    tuned = train(cfg, max_iterations=1)
+    assert tuned.step == 1  # the schedule starts at 0, not at the source's step
+    for key, value in source.network.state_dict().items():
+        if not key.startswith("projection.") and value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(tuned.network.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+    other = tiny_config(tmp_path / "c", init_from=str(tmp_path / "small.pt"), network={"widths": [4, 8, 8]})
+    with pytest.raises(ConfigError, match="another network"):
+        train(other)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         train(tiny_config(tmp_path), resume=True)

@@ -147,6 +147,9 @@ class TrainConfig(BaseModel):
     num_threads: int = Field(0, ge=0, description="torch CPU threads per process (0 = torch default).")
     mixed_precision: bool = Field(True, description="bf16 autocast on a GPU; always off on CPU.")
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="The network to train.")
+    init_from: str | None = Field(
+        None, description="Checkpoint whose weights start a fresh schedule (fine-tuning); not used by --resume."
+    )
     data: DataConfig = Field(description="Training and validation data.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms.")

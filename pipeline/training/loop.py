@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.checkpoint import read_payload, save_checkpoint
+from pipeline.config.network import NetworkConfig
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
@@ -240,9 +241,20 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
         if saved.get("network") != cfg.network.model_dump(mode="json"):
             raise ConfigError(f"{last_path} was trained with another network config; resume needs the same one")
 
+    init = read_payload(cfg.init_from) if cfg.init_from and payload is None else None
+    if init is not None and NetworkConfig.model_validate_json(init["network_config"]) != cfg.network:
+        raise ConfigError(f"init_from {cfg.init_from} holds another network than this config's network section")
+
     seed_everything(cfg.seed + info.rank)
     network = build_network(cfg.network).to(info.device)
     step, best, best_threshold = 0, None, 0.5
+    if init is not None:
+        missing, unexpected = network.load_state_dict(init["state_dict"], strict=False)
+        if unexpected or any(not k.startswith("projection.") for k in missing):
+            raise ConfigError(
+                f"init_from {cfg.init_from} does not fit the network: missing {missing}, extra {unexpected}"
+            )
+        logger.info("starting from the weights of %s (step %s)", cfg.init_from, init.get("step"))
     if payload is not None:
         network.load_state_dict(payload["state_dict"])
         step = int(payload["step"])
