@@ -8,9 +8,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import dask
+
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """Variables a worker process needs from its start: thread pools and glibc malloc read them only once.
+
+    They go in Dask's `distributed.nanny.pre-spawn-environ` (a LocalCluster's `env=` is applied after the
+    worker has started, too late for malloc). Tuned malloc reuses freed activation buffers instead of
+    unmapping and faulting them in again every forward pass (up to 1.2x faster on CPU, see perf notes).
+    """
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "MALLOC_MMAP_MAX_": "0",
+            "MALLOC_TRIM_THRESHOLD_": str(2**36),
+        }
+    )
+    return environ
 
 
 @contextmanager
@@ -37,26 +58,19 @@ def dask_client(
             client.close()
         return
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    env = {
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "MITOSEG_TORCH_THREADS": str(threads),
-        # reuse freed activation buffers instead of unmapping and faulting them in again every forward pass
-        "MALLOC_MMAP_MAX_": "0",
-        "MALLOC_TRIM_THRESHOLD_": str(2**36),
-    }
     kwargs: dict[str, Any] = {}
     if gpus:
         kwargs["resources"] = {"GPU": 1}
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        memory_limit=memory_limit or "auto",
-        env=env,
-        **kwargs,
-    )
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment(threads)}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=memory_limit or "auto",
+            env={"MITOSEG_TORCH_THREADS": str(threads)},
+            **kwargs,
+        )
     client = Client(cluster)
     log.info("started a LocalCluster with %d worker(s), %d torch thread(s) each", workers, threads)
     try:

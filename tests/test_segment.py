@@ -250,3 +250,22 @@ def test_test_time_augmentation_stays_seam_free_and_is_its_own_job(
     assert open_volume(one).provenance["tta"] == "yx"
     plain = segment(config(raw_url, one, tiny_checkpoint, block_size=(32, 96, 96)), client=clients[1], progress=False)
     assert plain.run.completed == 1 and whole.job_key != plain.job_key  # no stale marks across TTA modes
+
+
+def _start_environment() -> bytes:
+    with open("/proc/self/environ", "rb") as handle:  # the environment the process was started with
+        return handle.read()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_local_workers_start_with_tuned_malloc_and_their_thread_share(clients) -> None:
+    """glibc reads MALLOC_* once at process start: they must be in the worker's initial environment."""
+    for client in clients.values():
+        for start_env in client.run(_start_environment).values():
+            variables = dict(v.split(b"=", 1) for v in start_env.split(b"\0") if b"=" in v)
+            assert variables[b"MALLOC_MMAP_MAX_"] == b"0" and int(variables[b"MALLOC_TRIM_THRESHOLD_"]) >= 2**30
+    threads = {
+        n: set(c.run(lambda: __import__("os").environ["MITOSEG_TORCH_THREADS"]).values()) for n, c in clients.items()
+    }
+    cores = __import__("os").cpu_count() or 1
+    assert threads == {1: {str(cores)}, 2: {str(max(1, cores // 2))}}
