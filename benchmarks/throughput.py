@@ -1,10 +1,11 @@
 """Throughput and memory of `segment` against the bare network on the same patches and cores.
 
 Prints one table: for two synthetic volumes 8x apart in size, the end-to-end voxels/s of a blockwise run
-on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (in this process,
-same thread count), their ratio (the pipeline's own overhead; target >= 0.9), how many patches the block
-partition computes against one whole-volume block (patches on block borders are computed by each block they
-reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x volume within 20 %).
+on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (run afterwards by the
+same workers with the same network object), their ratio (the pipeline's own overhead; target >= 0.9), how
+many patches the block partition computes against one whole-volume block (patches on block borders are
+computed by each block they reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x
+volume within 20 %).
 
     python benchmarks/throughput.py [--checkpoint models/demo.pt] [--small 32,256,256] [--workers 1]
 """
@@ -23,50 +24,63 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM on Linux).
+
+    Not `ru_maxrss`: a worker spawned by fork + exec inherits its parent's high-water mark there, so a
+    worker started from a process holding a large array would report that array.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_forward(checkpoint: Path, raw: np.ndarray, run, threads: int) -> tuple[float, int, int]:
-    """Seconds of the network alone over exactly the patches the pipeline computed, block by block.
+def bare_forward(run, blocks: list) -> tuple[float, int]:
+    """Seconds of the worker's own network alone over exactly the patches of `blocks`, and their count.
 
-    Also returns how many patches that was, and how many one whole-volume block would need.
+    Runs inside a Dask worker after the segment run, so process, threads and malloc settings are the ones
+    the pipeline had; reading and padding happen outside the timed calls.
     """
-    import torch
-    from daisy import Roi
-
     from pipeline.stitching import read_mirrored
-    from workers.predictor import Predictor, scale_input
+    from workers.plugin import worker_predictor
+    from workers.predict import _open
+    from workers.predictor import scale_input
 
-    torch.set_num_threads(threads)
-    predictor = Predictor(str(checkpoint))
-    grid = run.job.grid
-
-    def read(r: Roi) -> np.ndarray:
-        return raw[None][(slice(None), *r.to_slices())]
-
-    def patches():
-        for block in run.plan.blocks():
-            read_roi = grid.read_roi(block.write_roi)
-            padded = scale_input(read_mirrored(read, read_roi, raw.shape))
-            for tile in grid.tiles(block.write_roi):
-                src = tile.grow(grid.context, grid.context)
-                local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
-                yield padded[(slice(None), *local)]
-
-    predictor(next(patches()))  # warm-up, as the worker plugin's first block is
+    predictor = worker_predictor()
+    grid, source = run.job.grid, _open(run.job.input_url, "r")
     count, seconds = 0, 0.0
-    for patch in patches():
-        start = time.perf_counter()
-        predictor(patch)
-        seconds += time.perf_counter() - start
-        count += 1
-    whole = sum(1 for _ in grid.tiles(Roi((0, 0, 0), raw.shape)))
-    return seconds, count, whole
+    for block in blocks:
+        read_roi = grid.read_roi(block.write_roi)
+        padded = scale_input(read_mirrored(source.read, read_roi, run.job.volume_shape))
+        for tile in grid.tiles(block.write_roi):
+            src = tile.grow(grid.context, grid.context)
+            local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
+            start = time.perf_counter()
+            predictor(padded[(slice(None), *local)])
+            seconds += time.perf_counter() - start
+            count += 1
+    return seconds, count
+
+
+def bare_on_workers(client, run) -> tuple[float, int]:
+    """Voxels/s denominator: the blocks split over the workers, all computing at once as in the pipeline."""
+    addresses = sorted(client.scheduler_info()["workers"])
+    blocks = list(run.plan.blocks())
+    futures = [
+        client.submit(bare_forward, run, blocks[i :: len(addresses)], workers=[a], pure=False)
+        for i, a in enumerate(addresses)
+    ]
+    results = client.gather(futures)
+    return max(r[0] for r in results), sum(r[1] for r in results)
 
 
 def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Path) -> dict:
+    from daisy import Roi
+
     from pipeline.cluster import dask_client
     from pipeline.config.segment import SegmentConfig
     from pipeline.segment import prepare, segment
@@ -87,11 +101,13 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
         pyramid=False,
         resume=False,
     )
+    del raw
     with dask_client(workers=args.workers) as client:
         result = segment(cfg, client=client, progress=False).run
         rss = client.run(peak_rss_mb)
-    threads = max(1, (os.cpu_count() or 1) // args.workers) * args.workers
-    seconds, patches, whole = bare_forward(args.checkpoint, raw, prepare(cfg), threads)
+        run = prepare(cfg)
+        seconds, patches = bare_on_workers(client, run)
+    whole = sum(1 for _ in run.job.grid.tiles(Roi((0, 0, 0), shape)))
     return {
         "shape": shape,
         "blocks": result.total,
