@@ -1,8 +1,8 @@
 """Throughput and memory of `segment` against the bare network on the same patches and cores.
 
 Prints one table: for two synthetic volumes 8x apart in size, the end-to-end voxels/s of a blockwise run
-on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (run afterwards by the
-same workers with the same network object), their ratio (the pipeline's own overhead; target >= 0.9), how
+on a LocalCluster, the voxels/s of the bare forward pass over exactly the same patches (in this process, on
+all cores, started with the workers' malloc settings), their ratio (the pipeline's own overhead; target >= 0.9), how
 many patches the block partition computes against one whole-volume block (patches on block borders are
 computed by each block they reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x
 volume within 20 %).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,46 +40,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_forward(run, blocks: list) -> tuple[float, int]:
-    """Seconds of the worker's own network alone over exactly the patches of `blocks`, and their count.
+def bare_forward(run, predictor) -> tuple[float, int]:
+    """Seconds of the network alone over exactly the patches the pipeline computed, and their count.
 
-    Runs inside a Dask worker after the segment run, so process, threads and malloc settings are the ones
-    the pipeline had; reading and padding happen outside the timed calls.
+    Reading and padding happen outside the timed calls.
     """
     from pipeline.stitching import read_mirrored
-    from workers.plugin import worker_predictor
     from workers.predict import _open
     from workers.predictor import scale_input
 
-    predictor = worker_predictor()
     grid, source = run.job.grid, _open(run.job.input_url, "r")
     count, seconds = 0, 0.0
-    for block in blocks:
+    for block in run.plan.blocks():
         read_roi = grid.read_roi(block.write_roi)
         padded = scale_input(read_mirrored(source.read, read_roi, run.job.volume_shape))
         for tile in grid.tiles(block.write_roi):
             src = tile.grow(grid.context, grid.context)
             local = tuple(slice(b - f, e - f) for b, e, f in zip(src.begin, src.end, read_roi.begin, strict=True))
+            patch = padded[(slice(None), *local)]
+            if count == 0:
+                predictor(patch)  # warm-up, as a worker's first block is
             start = time.perf_counter()
-            predictor(padded[(slice(None), *local)])
+            predictor(patch)
             seconds += time.perf_counter() - start
             count += 1
     return seconds, count
 
 
-def bare_on_workers(client, run) -> tuple[float, int]:
-    """Voxels/s denominator: the blocks split over the workers, all computing at once as in the pipeline."""
-    addresses = sorted(client.scheduler_info()["workers"])
-    blocks = list(run.plan.blocks())
-    futures = [
-        client.submit(bare_forward, run, blocks[i :: len(addresses)], workers=[a], pure=False)
-        for i, a in enumerate(addresses)
-    ]
-    results = client.gather(futures)
-    return max(r[0] for r in results), sum(r[1] for r in results)
-
-
 def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
     from daisy import Roi
 
     from pipeline.cluster import dask_client
@@ -86,6 +76,7 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
     from pipeline.segment import prepare, segment
     from pipeline.synthetic import generate_volume
     from pipeline.volumes import VolumeMeta, create_volume
+    from workers.predictor import Predictor
 
     raw, _ = generate_volume(shape, seed=7)
     url = f"zarr://file://{workdir}/em-{'x'.join(map(str, shape))}.zarr/raw"
@@ -105,8 +96,9 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
     with dask_client(workers=args.workers) as client:
         result = segment(cfg, client=client, progress=False).run
         rss = client.run(peak_rss_mb)
-        run = prepare(cfg)
-        seconds, patches = bare_on_workers(client, run)
+    run = prepare(cfg)
+    torch.set_num_threads(os.cpu_count() or 1)  # all the cores the workers shared
+    seconds, patches = bare_forward(run, Predictor(str(args.checkpoint)))
     whole = sum(1 for _ in run.job.grid.tiles(Roi((0, 0, 0), shape)))
     return {
         "shape": shape,
@@ -120,6 +112,13 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
 
 
 def main() -> None:
+    from pipeline.cluster import worker_environment
+
+    start_env = worker_environment(os.cpu_count() or 1)
+    if any(os.environ.get(k) != v for k, v in start_env.items() if k.startswith("MALLOC")):
+        # glibc reads these at start: re-run this script with the workers' start environment, so that the
+        # bare forward pass in this process is measured under the same conditions as the workers'
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **start_env})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "demo.pt")
     parser.add_argument("--small", default="32,256,256", help="Smaller volume Z,Y,X; the larger is 2x per axis.")
