@@ -41,7 +41,12 @@ def config_models() -> dict[str, type]:
     from pipeline.config.segment import SegmentConfig
     from pipeline.config.train import TrainConfig
 
-    models: dict[str, type] = {"demo.yaml": SegmentConfig, "demo_train.yaml": TrainConfig, "lucchi.yaml": TrainConfig}
+    models: dict[str, type] = {
+        "demo.yaml": SegmentConfig,
+        "demo_train.yaml": TrainConfig,
+        "lucchi.yaml": TrainConfig,
+        "lucchi_finetune.yaml": TrainConfig,
+    }
     try:
         from pipeline.config.instances import InstancesConfig
 
