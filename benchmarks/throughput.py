@@ -46,10 +46,10 @@ def bare_forward(run, predictor) -> tuple[float, int]:
     Reading and padding happen outside the timed calls.
     """
     from pipeline.stitching import read_mirrored
-    from workers.predict import _open
+    from pipeline.volumes import open_volume
     from workers.predictor import scale_input
 
-    grid, source = run.job.grid, _open(run.job.input_url, "r")
+    grid, source = run.job.grid, open_volume(run.job.input_url)
     count, seconds = 0, 0.0
     for block in run.plan.blocks():
         read_roi = grid.read_roi(block.write_roi)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # configs import TTAMode: keep torch out of their import
+    import torch
 
 TTAMode = Literal["none", "yx", "zyx"]
 """none: one pass; yx: the 8 in-plane variants (flips of y and x, y/x swap); zyx: those 16 with a z flip too."""
@@ -22,9 +23,8 @@ def variants(mode: TTAMode) -> list[tuple[tuple[int, ...], bool]]:
     if mode == "none":
         return [((), False)]
     axes = (3, 4) if mode == "yx" else (2, 3, 4)
-    flips = [
-        tuple(a for a, on in zip(axes, pick, strict=True) if on) for pick in itertools.product((0, 1), repeat=len(axes))
-    ]
+    picks = itertools.product((False, True), repeat=len(axes))
+    flips = [tuple(a for a, on in zip(axes, pick, strict=True) if on) for pick in picks]
     return [(dims, swap) for swap in (False, True) for dims in flips]
 
 
@@ -32,11 +32,13 @@ def predict_probabilities(
     forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mode: TTAMode = "none"
 ) -> torch.Tensor:
     """Mean sigmoid of `forward` (logits of an (N, C, Z, Y, X) batch) over the variants of `mode`, in float32."""
-    total = None
-    for dims, swap in variants(mode):
+    import torch
+
+    total, views = None, variants(mode)
+    for dims, swap in views:
         x = torch.flip(batch, dims) if dims else batch
         logits = forward(x.transpose(3, 4) if swap else x)
         logits = logits.transpose(3, 4) if swap else logits
         prob = torch.sigmoid((torch.flip(logits, dims) if dims else logits).float())
         total = prob if total is None else total.add_(prob)
-    return total.div_(len(variants(mode)))  # type: ignore[union-attr]
+    return total.div_(len(views))  # type: ignore[union-attr]
