@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError, GeometryError
 from pipeline.synthetic import generate_volume, write_volume_zarr
@@ -100,6 +101,54 @@ def test_init_from_starts_a_fresh_schedule_from_saved_weights(tmp_path: Path) ->
     other = tiny_config(tmp_path / "c", init_from=str(tmp_path / "small.pt"), network={"widths": [4, 8, 8]})
     with pytest.raises(ConfigError, match="another network"):
         train(other)
+
+
+def test_weight_average_is_checkpointed_and_resumes_exactly(tmp_path: Path) -> None:
+    straight = train(tiny_config(tmp_path / "a", optim={"ema_decay": 0.8}))
+    cfg = tiny_config(tmp_path / "b", optim={"ema_decay": 0.8})
+    train(cfg, max_iterations=4)
+    resumed = train(cfg, resume=True)
+    saved = [torch.load(tmp_path / run / "run" / "last.pt", weights_only=True) for run in ("a", "b")]
+    for key, value in straight.network.state_dict().items():
+        torch.testing.assert_close(saved[0]["train_state_dict"][key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(saved[1]["state_dict"][key], saved[0]["state_dict"][key], rtol=0, atol=0, msg=key)
+    # the stored (inference) weights are the average, not the last step's weights, batch-norm statistics included
+    moved = [
+        k
+        for k, v in saved[0]["state_dict"].items()
+        if v.is_floating_point() and not v.equal(saved[0]["train_state_dict"][k])
+    ]
+    assert any("running_mean" in k for k in moved) and any(k.endswith("weight") for k in moved)
+    assert load_checkpoint(tmp_path / "a" / "run" / "last.pt").metadata["weight_average"] == {"ema_decay": 0.8}
+    train(tiny_config(tmp_path / "c"), max_iterations=2)
+    with pytest.raises(ConfigError, match="without ema_decay"):
+        train(tiny_config(tmp_path / "c", optim={"ema_decay": 0.8}), resume=True)
+
+
+def test_weight_average_is_an_exponential_moving_average() -> None:
+    from pipeline.model import build_network
+    from pipeline.training.loop import make_average
+
+    cfg = tiny_config(Path("unused"), optim={"ema_decay": 0.75})
+    network = build_network(cfg.network)
+    average = make_average(network, cfg)
+    before = {k: v.clone() for k, v in average.module.state_dict().items()}
+    with torch.no_grad():
+        for tensor in [*network.parameters(), *(b for b in network.buffers() if b.is_floating_point())]:
+            tensor.add_(1.0)
+    average.update_parameters(network)  # first update copies
+    average.update_parameters(network)
+    for key, value in average.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, before[key] + 1.0, msg=key)
+    with torch.no_grad():
+        for tensor in [*network.parameters(), *(b for b in network.buffers() if b.is_floating_point())]:
+            tensor.add_(4.0)
+    average.update_parameters(network)
+    for key, value in average.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, before[key] + 1.0 + 0.25 * 4.0, msg=key)
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -134,6 +134,14 @@ class OptimConfig(BaseModel):
         "`iterations` or the budget comes first (for shared CPUs; None = iterations only).",
     )
     grad_clip: float = Field(5.0, ge=0, description="Gradient-norm clip (0 = none).")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights and batch-norm statistics with this decay "
+        "(e.g. 0.999, a window of about 1/(1 - decay) iterations); validation, the best checkpoint and the "
+        "shipped weights use the average, which smooths the step-to-step swing. None = off.",
+    )
 
 
 class TrainConfig(BaseModel):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.checkpoint import read_payload, save_checkpoint
 from pipeline.config.network import NetworkConfig
@@ -140,6 +141,13 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return cls(params, lr=oc.lr, weight_decay=oc.weight_decay)
 
 
+def make_average(network: ResUNet, cfg: TrainConfig) -> AveragedModel | None:
+    """The moving average of `network` that validation and checkpoints use, or None when `ema_decay` is off."""
+    if cfg.optim.ema_decay is None:
+        return None
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -255,11 +263,19 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                 f"init_from {cfg.init_from} does not fit the network: missing {missing}, extra {unexpected}"
             )
         logger.info("starting from the weights of %s (step %s)", cfg.init_from, init.get("step"))
+    average = make_average(network, cfg)
     if payload is not None:
-        network.load_state_dict(payload["state_dict"])
+        # with an average, "state_dict" holds the average (what inference loads) and "train_state_dict" the weights
+        network.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
         step = int(payload["step"])
         best = payload.get("best_jaccard")
         best_threshold = float(payload.get("threshold", 0.5))
+        if average is not None:
+            if "train_state_dict" not in payload:
+                raise ConfigError(f"{last_path} was trained without ema_decay; resume needs the same optim section")
+            average.module.load_state_dict(payload["state_dict"])
+            average.n_averaged.fill_(max(step, 1))
+    evaluated = network if average is None else average.module
     module = TrainStep(network, cfg)
     if info.distributed:
         no_contrastive = cfg.loss.lambda_sim == 0 and cfg.loss.lambda_con == 0
@@ -294,11 +310,13 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
             "scores": scores,
             "split": cfg.data.split_name,
             "world_size": info.world_size,
+            "weight_average": None if average is None else {"ema_decay": cfg.optim.ema_decay},
         }
+        extra = {} if average is None else {"train_state_dict": network.state_dict()}
         save_checkpoint(
             path,
             network_config=cfg.network,
-            state_dict=network.state_dict(),
+            state_dict=evaluated.state_dict(),
             optimizer=optimizer.state_dict(),
             scheduler={"step": step, "elapsed_s": now_elapsed},
             step=step,
@@ -306,6 +324,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
             patch_shape=list(cfg.val_patch_shape),
             best_jaccard=best,
             metadata=metadata,
+            **extra,
         )
 
     progress, task = _progress(stop, step, info.is_main and sys.stderr.isatty())
@@ -337,6 +356,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
             if cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(network.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update_parameters(network)
             step += 1
             seen += cfg.data.batch_size * info.world_size
             now_elapsed = elapsed()
@@ -353,7 +374,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
             if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished:
                 distributed.average_buffers(network, info)
             if val_regions and (step % cfg.val_every == 0 or finished):
-                threshold, scores = validate(network, val_regions, cfg, info.device)
+                threshold, scores = validate(evaluated, val_regions, cfg, info.device)
                 last_scores = {**scores, "threshold": threshold}
                 metrics.write("val", step, last_scores)  # type: ignore[union-attr]
                 logger.info("validation at step %d: %s", step, json.dumps(last_scores))
