@@ -148,6 +148,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         dtype=config.output_dtype,
         blending=config.blending,
         tta=config.tta,
+        median_size=config.median_size,
         outputs=outputs,
     )
     done = DoneMarkers(volumes[0].url.location, key)
@@ -162,6 +163,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "channels": ["mitochondrion", "contour"][: net.out_channels],
         "output_dtype": config.output_dtype,
         "tta": config.tta,
+        "median_size": config.median_size,
         "roi": roi_key(roi),
     }
     for volume in volumes:
@@ -174,6 +176,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         output_dtype=config.output_dtype,
         blending=config.blending,
         tta=config.tta,
+        median_size=config.median_size,
     )
     return SegmentRun(config, plan, job, done, outputs)
 

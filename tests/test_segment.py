@@ -252,6 +252,28 @@ def test_test_time_augmentation_stays_seam_free_and_is_its_own_job(
     assert plain.run.completed == 1 and whole.job_key != plain.job_key  # no stale marks across TTA modes
 
 
+def test_median_filter_stays_seam_free_and_is_its_own_job(clients, raw_url, tiny_checkpoint, reference, tmp_path):
+    from pipeline.smoothing import median_filter
+
+    one = f"zarr://file://{tmp_path}/one.zarr/probs"
+    many = f"zarr://file://{tmp_path}/many.zarr/probs"
+    whole = segment(
+        config(raw_url, one, tiny_checkpoint, block_size=(32, 96, 96), median_size=5), client=clients[1], progress=False
+    )
+    split = segment(
+        config(raw_url, many, tiny_checkpoint, block_size=(8, 16, 16), median_size=5), client=clients[2], progress=False
+    )
+    assert whole.run.ok and split.run.ok and split.run.total > 1
+    filtered = read_all(one).astype(int)
+    assert np.abs(read_all(many).astype(int) - filtered).max() <= 1
+    expected = median_filter(reference / np.float32(255), 5) * 255
+    assert np.abs(filtered - np.rint(expected)).max() <= 1  # the filter of the whole unfiltered prediction
+    assert np.abs(filtered - reference.astype(int)).max() > 1
+    assert open_volume(one).provenance["median_size"] == 5
+    plain = segment(config(raw_url, one, tiny_checkpoint, block_size=(32, 96, 96)), client=clients[1], progress=False)
+    assert plain.run.completed == 1 and whole.job_key != plain.job_key
+
+
 def _start_environment() -> bytes:
     with open("/proc/self/environ", "rb") as handle:  # the environment the process was started with
         return handle.read()

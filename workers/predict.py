@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
-from daisy import Block
+from daisy import Block, Roi
 
+from pipeline.smoothing import median_filter, median_margin
 from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, to_output_dtype
 from pipeline.tta import TTAMode
 from pipeline.volumes import Volume, open_volume
@@ -25,6 +26,7 @@ class PredictJob:
     output_dtype: str = "uint8"
     blending: Blending = "gaussian"
     tta: TTAMode = "none"
+    median_size: int = 0
 
 
 @lru_cache(maxsize=16)
@@ -43,10 +45,16 @@ def predict_block(block: Block, job: PredictJob, predictor: Any = None) -> int:
 
         predictor = worker_predictor()
     source = _open(job.input_url, "r")
-    read_roi = job.grid.read_roi(block.write_roi)
+    # a median filter needs predictions around the block: predict a larger region (inside the volume, so the
+    # filter sees what it would see on the whole volume) and keep the block
+    margin = median_margin(job.median_size)
+    region = block.write_roi.grow((margin,) * 3, (margin,) * 3).intersect(Roi((0, 0, 0), job.volume_shape))
+    read_roi = job.grid.read_roi(region)
     raw = scale_input(read_mirrored(source.read, read_roi, job.volume_shape))
     patch_fn = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
-    probs = predict_region(raw, read_roi, block.write_roi, job.grid, patch_fn, job.blending)
+    probs = median_filter(predict_region(raw, read_roi, region, job.grid, patch_fn, job.blending), job.median_size)
+    inner = block.write_roi - region.offset
+    probs = probs[(slice(None), *inner.to_slices())]
     data = to_output_dtype(probs, job.output_dtype)
     for url in job.output_urls:
         _open(url, "r+").write(block.write_roi, data)

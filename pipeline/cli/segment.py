@@ -36,6 +36,9 @@ def segment(
     tta: Annotated[
         str | None, typer.Option("--tta", help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).")
     ] = None,
+    median_size: Annotated[
+        int | None, typer.Option("--median", help="Median-filter the probabilities over an N^3 cube (odd; 0 = off).")
+    ] = None,
     instances: Annotated[
         str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")
     ] = None,
@@ -61,6 +64,7 @@ def segment(
         "roi": roi,
         "resume": False if no_resume else None,
         "tta": tta,
+        "median_size": median_size,
     }
     cfg = load_config(SegmentConfig, config, overrides)
     if instances:
