@@ -1,4 +1,4 @@
-"""Two-process torchrun on CPU (gloo): both ranks end with identical weights."""
+"""Two-process torchrun on CPU (gloo): both ranks end with identical weights and weight averages."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent(
 
     cfg = TrainConfig.model_validate_json(open(sys.argv[1]).read())
     result = train(cfg)
-    torch.save(result.network.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+    weights = {"network": result.network.state_dict(), "average": result.average.state_dict()}
+    torch.save(weights, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
     """
 )
 
@@ -40,7 +41,7 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
             "data": {"volumes": [volume], "patch_shape": [8, 32, 32]},
             "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
             "loss": {"contrastive_warmup": 2, "sampling": {"num_points": 64}},
-            "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 4},
+            "optim": {"lr": 0.01, "warmup_iterations": 1, "iterations": 4, "ema_decay": 0.5},
             "checkpoint_every": 2,
             "val_every": 100,
             "val_patch_shape": [8, 32, 32],
@@ -72,5 +73,6 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     initial = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert initial["step"] == 4 and initial["metadata"].count('"world_size": 2') == 1
-    for key, value in rank0.items():
-        torch.testing.assert_close(rank1[key], value, rtol=0, atol=0, msg=key)
+    for part in ("network", "average"):  # batch-norm statistics of both averaged over ranks at the checkpoint
+        for key, value in rank0[part].items():
+            torch.testing.assert_close(rank1[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")

@@ -41,6 +41,8 @@ class TrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path
     network: ResUNet
+    average: nn.Module | None = None
+    """The moving average of the weights (`optim.ema_decay`), which validation and checkpoints use."""
 
 
 class TrainStep(nn.Module):
@@ -373,6 +375,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                     logger.info("step %d/%d %s", step, stop, text)
             if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished:
                 distributed.average_buffers(network, info)
+                if average is not None:  # its batch-norm statistics follow each rank's own batches
+                    distributed.average_buffers(evaluated, info)
             if val_regions and (step % cfg.val_every == 0 or finished):
                 threshold, scores = validate(evaluated, val_regions, cfg, info.device)
                 last_scores = {**scores, "threshold": threshold}
@@ -387,4 +391,5 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                 distributed.barrier(info)
     if metrics is not None:
         metrics.close()
-    return TrainResult(step, best, best_path if best_path.exists() else None, last_path, network)
+    best_checkpoint = best_path if best_path.exists() else None
+    return TrainResult(step, best, best_checkpoint, last_path, network, None if average is None else evaluated)
