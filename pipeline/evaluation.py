@@ -15,6 +15,7 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.errors import GeometryError
+from pipeline.plan import parse_roi, roi_key
 from pipeline.volumes.base import Volume
 
 logger = logging.getLogger(__name__)
@@ -97,12 +98,29 @@ def prediction_kind(volume: Volume, chunks: tuple[int, int, int]) -> str:
     return "label"
 
 
-def chunk_rois(shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> Iterator[Roi]:
-    """ROIs of the chunk grid covering a volume (border chunks clipped)."""
-    ranges = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
+def chunk_rois(shape: tuple[int, int, int], chunks: tuple[int, int, int], region: Roi | None = None) -> Iterator[Roi]:
+    """ROIs of the chunk grid (anchored at the volume origin) covering `region` (default the whole volume),
+    clipped to it."""
+    region = region or Roi((0, 0, 0), shape)
+    ranges = [range(b // c * c, e, c) for b, e, c in zip(region.begin, region.end, chunks, strict=True)]
     for start in itertools.product(*ranges):
-        size = tuple(min(c, s - o) for o, c, s in zip(start, chunks, shape, strict=True))
-        yield Roi(start, size)
+        yield Roi(start, chunks).intersect(region)
+
+
+def evaluation_region(volume: Volume, roi: Roi | None) -> Roi:
+    """The region to score: `roi`, else the one `segment` recorded in the prediction's provenance, else all.
+
+    Voxels outside the region a run predicted hold no prediction, so they must not count as misses.
+    """
+    whole = Roi((0, 0, 0), tuple(volume.meta.shape))
+    recorded = (volume.provenance or {}).get("roi") if isinstance(volume.provenance, dict) else None
+    region = roi or (parse_roi(recorded) if isinstance(recorded, str) else whole)
+    if not whole.contains(region):
+        raise GeometryError(
+            f"evaluation region {roi_key(region)} reaches outside {volume.url} (shape {tuple(volume.meta.shape)}); "
+            "give --roi OFFSET:SHAPE inside the volume"
+        )
+    return region
 
 
 def default_threshold(provenance: dict) -> float:
@@ -118,11 +136,12 @@ def evaluate_semantic(
     *,
     kind: str = "auto",
     chunks: tuple[int, int, int] | None = None,
+    roi: Roi | None = None,
 ) -> dict[str, float]:
     """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
 
     Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5. `kind` is
-    'probability', 'label' or 'auto' (see `prediction_kind`).
+    'probability', 'label' or 'auto' (see `prediction_kind`). Only `evaluation_region(prediction, roi)` counts.
     Returns {"jaccard", "dice", "miou", "threshold"}.
     """
     from pipeline.volumes import open_volume
@@ -138,20 +157,24 @@ def evaluate_semantic(
     grid = chunks or tuple(pred_vol.meta.chunks)
     if kind == "auto":
         kind = prediction_kind(pred_vol, grid)
+    region = evaluation_region(pred_vol, roi)
     total = SemanticCounts()
-    for roi in chunk_rois(tuple(pred_vol.meta.shape), grid):
-        pred = binarise(pred_vol.read(roi)[0], threshold, kind)
-        total = total + count(pred, truth_vol.read(roi)[0] > 0)
+    for part in chunk_rois(tuple(pred_vol.meta.shape), grid, region):
+        pred = binarise(pred_vol.read(part)[0], threshold, kind)
+        total = total + count(pred, truth_vol.read(part)[0] > 0)
     return {**total.scores(), "threshold": float(threshold)}
 
 
 def evaluate_all(
-    prediction_url: str, truth_url: str, threshold: float | None = None, kind: str = "auto"
+    prediction_url: str, truth_url: str, threshold: float | None = None, kind: str = "auto", roi: Roi | None = None
 ) -> dict[str, float]:
-    """Semantic scores, plus AP-50/AP-75 and object precision/recall when the prediction holds instance labels."""
+    """Semantic scores, plus AP-50/AP-75 and object precision/recall when the prediction holds instance labels,
+    over `evaluation_region(prediction, roi)`."""
     from pipeline.instance_metrics import instance_scores, is_label_volume
+    from pipeline.volumes import open_volume
 
-    scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind)
+    region = evaluation_region(open_volume(prediction_url), roi)
+    scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind, roi=region)
     if is_label_volume(prediction_url):
-        scores.update(instance_scores(prediction_url, truth_url))
+        scores.update(instance_scores(prediction_url, truth_url, roi=region))
     return scores

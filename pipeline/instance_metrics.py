@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from daisy import Roi
 
 from pipeline.errors import ConfigError, GeometryError
 
@@ -118,15 +119,20 @@ def instance_scores_arrays(prediction: np.ndarray, truth: np.ndarray) -> dict[st
     return scores_from_overlaps(overlaps)
 
 
-def _slabs(shape: tuple[int, int, int], depth: int) -> Iterable[tuple[int, int]]:
-    for z in range(0, shape[0], depth):
-        yield z, min(z + depth, shape[0])
+def _slabs(begin: int, end: int, depth: int) -> Iterable[tuple[int, int]]:
+    for z in range(begin, end, depth):
+        yield z, min(z + depth, end)
 
 
 def instance_scores(
-    prediction_url: str, truth_url: str, truth_components: bool | None = None, slab_voxels: int = 2**26
+    prediction_url: str,
+    truth_url: str,
+    truth_components: bool | None = None,
+    slab_voxels: int = 2**26,
+    roi: Roi | None = None,
 ) -> dict[str, float]:
-    """Instance scores of a predicted label volume against a true one, read in z-slabs (bounded memory).
+    """Instance scores of a predicted label volume against a true one, read in z-slabs (bounded memory),
+    over `roi` (default the whole volume; objects it cuts count as the parts inside).
 
     Both must be single-channel integer volumes of the same shape; keys as `scores_from_overlaps`. A truth
     that is a binary mask (only 0 and 1, e.g. the synthetic demo's) has no instances of its own: with
@@ -134,7 +140,6 @@ def instance_scores(
     labelled in memory.
     """
     import cc3d
-    from daisy import Roi
 
     from pipeline.volumes import open_volume
 
@@ -151,18 +156,19 @@ def instance_scores(
             f"prediction {pred.url} has shape {pred.meta.shape} but truth {truth.url} has {truth.meta.shape}; "
             "both must cover the same voxels"
         )
-    shape = pred.meta.shape
-    depth = max(1, slab_voxels // (shape[1] * shape[2]))
-    slabs = [Roi((z0, 0, 0), (z1 - z0, shape[1], shape[2])) for z0, z1 in _slabs(shape, depth)]
+    region = roi or truth.meta.roi
+    (z_begin, y, x), (z_end, height, width) = region.begin, (region.end[0], *region.shape[1:])
+    depth = max(1, slab_voxels // (height * width))
+    slabs = [Roi((z0, y, x), (z1 - z0, height, width)) for z0, z1 in _slabs(z_begin, z_end, depth)]
     if truth_components is None:
-        truth_components = all(int(truth.read(roi).max()) <= 1 for roi in slabs)
+        truth_components = all(int(truth.read(slab).max()) <= 1 for slab in slabs)
     labelled = None
     if truth_components:
-        labelled = cc3d.connected_components(truth.read(truth.meta.roi)[0] > 0, connectivity=6)
+        labelled = cc3d.connected_components(truth.read(region)[0] > 0, connectivity=6)
     overlaps = Overlaps.empty()
-    for roi in slabs:
-        true_labels = truth.read(roi)[0] if labelled is None else labelled[roi.to_slices()]
-        overlaps.add(pred.read(roi)[0], true_labels)
+    for slab in slabs:
+        true_labels = truth.read(slab)[0] if labelled is None else labelled[(slab - region.offset).to_slices()]
+        overlaps.add(pred.read(slab)[0], true_labels)
     return scores_from_overlaps(overlaps)
 
 

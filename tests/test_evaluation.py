@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from daisy import Roi
 from typer.testing import CliRunner
 
 from pipeline.cli.evaluate import evaluate
 from pipeline.errors import GeometryError
-from pipeline.evaluation import SemanticCounts, count, evaluate_semantic
+from pipeline.evaluation import SemanticCounts, chunk_rois, count, evaluate_semantic
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
 
@@ -86,3 +87,37 @@ def test_cli_prints_one_json_object(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--prediction", p_url, "--truth", t_url, "--threshold", "0.5", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"jaccard": 1.0, "dice": 1.0, "miou": 1.0, "threshold": 0.5}
+
+
+def test_chunk_rois_tile_a_region_once_along_the_chunk_grid() -> None:
+    region = Roi((1, 2, 0), (6, 5, 7))
+    parts = list(chunk_rois((8, 9, 9), (4, 3, 4), region))
+    covered = np.zeros((8, 9, 9), int)
+    for part in parts:
+        assert region.contains(part)
+        assert all(b // c == (e - 1) // c for b, e, c in zip(part.begin, part.end, (4, 3, 4), strict=True))
+        covered[part.to_slices()] += 1
+    expected = np.zeros_like(covered)
+    expected[region.to_slices()] = 1
+    np.testing.assert_array_equal(covered, expected)
+
+
+def test_only_the_region_counts_given_or_recorded_by_segment(tmp_path: Path) -> None:
+    truth = np.zeros((6, 8, 8), np.uint8)
+    truth[:, 2:6, 2:6] = 1
+    prob = np.zeros((6, 8, 8), np.uint8)  # predicted only in z 2..4, as `segment --roi` leaves it
+    prob[2:4] = truth[2:4] * 255
+    t_url = _write(str(tmp_path / "truth.zarr"), truth)
+    p_url = _write(str(tmp_path / "pred.zarr"), prob)
+    assert evaluate_semantic(p_url, t_url)["jaccard"] == pytest.approx(1 / 3)
+    assert evaluate_semantic(p_url, t_url, roi=Roi((2, 0, 0), (2, 8, 8)))["jaccard"] == 1.0
+    open_volume(p_url, mode="r+").set_provenance({"threshold": 0.5, "checkpoint_hash": "x", "roi": "2,0,0:2,8,8"})
+    assert evaluate_semantic(p_url, t_url)["jaccard"] == 1.0
+    assert evaluate_semantic(p_url, t_url, roi=Roi((0, 0, 0), (6, 8, 8)))["jaccard"] == pytest.approx(1 / 3)
+    with pytest.raises(GeometryError, match="(?s)region 4,0,0:4,8,8 reaches outside.*--roi"):
+        evaluate_semantic(p_url, t_url, roi=Roi((4, 0, 0), (4, 8, 8)))
+    app = typer.Typer()
+    app.command()(evaluate)
+    result = CliRunner().invoke(app, ["--prediction", p_url, "--truth", t_url, "--roi", "0,0,0:3,8,8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["jaccard"] == pytest.approx(1 / 3)  # z 2 right, z 0..1 missed

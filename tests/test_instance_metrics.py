@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from daisy import Roi
 
 from pipeline.errors import ConfigError, GeometryError
 from pipeline.evaluation import evaluate_all
@@ -106,6 +107,19 @@ def test_a_binary_truth_mask_is_split_into_its_connected_components(tmp_path):
     scores = instance_scores(p, t, slab_voxels=64)
     assert scores["num_truth"] == 2 and scores["object_recall"] == 0.5 and scores["object_precision"] == 1.0
     assert instance_scores(p, t, truth_components=False)["num_truth"] == 1
+
+
+def test_instance_scores_over_a_region_count_only_what_lies_inside(tmp_path):
+    truth = np.zeros((6, 8, 8), np.uint8)
+    truth[0:2, 0:3, 0:3] = 1
+    truth[3:6, 4:8, 4:8] = 1
+    pred = np.zeros((6, 8, 8), np.uint64)
+    pred[3:6, 4:8, 4:8] = 9  # the second object found, the first missed
+    t = _write(str(tmp_path / "truth.zarr"), truth)
+    p = _write(str(tmp_path / "pred.zarr"), pred)
+    assert instance_scores(p, t)["object_recall"] == 0.5
+    inside = instance_scores(p, t, slab_voxels=16, roi=Roi((3, 2, 2), (3, 6, 6)))
+    assert inside["num_truth"] == 1 and inside["object_recall"] == 1.0 and inside["ap75"] == 1.0
 
 
 def test_volume_scores_refuse_mismatched_shapes_and_non_labels(tmp_path):

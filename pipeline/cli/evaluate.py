@@ -31,12 +31,17 @@ def evaluate(
             help="Prediction kind; auto: floats and uint8 written by segment are probabilities, 0/1 masks labels.",
         ),
     ] = PredictionKind.auto,
+    roi: Annotated[
+        str | None,
+        typer.Option("--roi", help="Score only OFFSET:SHAPE (z,y,x voxels); default the region segment predicted."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Foreground IoU (Jaccard), Dice and mean IoU of a prediction against ground truth."""
     from pipeline.evaluation import evaluate_all
+    from pipeline.plan import parse_roi
 
-    scores = evaluate_all(prediction, truth, threshold, kind.value)
+    scores = evaluate_all(prediction, truth, threshold, kind.value, parse_roi(roi) if roi else None)
     if as_json:
         typer.echo(json.dumps(scores))
         return
