@@ -31,6 +31,13 @@ class BlockFailure:
     block_id: int
     write_roi: str
     error: str
+    unit: str = "block"
+    """What failed: a block, or a unit of a later step (e.g. a foreground component's fix-up)."""
+
+
+def error_text(error: BaseException) -> str:
+    """One line naming an error's type and message, for failure reports."""
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
 @dataclass
@@ -173,7 +180,7 @@ def run_blockwise(
                 advance(1, voxels)
             else:
                 error = future.exception()
-                text = "".join(traceback.format_exception_only(type(error), error)).strip()
+                text = error_text(error)
                 log.error("block %d (write region %s) failed: %s", block_id, roi_key(block.write_roi), text)
                 result.failures.append(BlockFailure(block_id, roi_key(block.write_roi), text))
                 advance(1, 0)

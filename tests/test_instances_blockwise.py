@@ -262,6 +262,35 @@ def test_watershed_fixup_spans_a_block_corner(client, tmp_path):
         assert result.fixups == 1
 
 
+def test_a_failing_fixup_is_reported_and_a_rerun_redoes_only_the_merge(client, tmp_path, monkeypatch):
+    from pipeline.instances import tasks
+
+    centres = np.array([(6, 6, 6), (6, 10, 10), (10, 6, 10), (10, 10, 6)], np.float32) - 0.5
+    source = write_probs(str(tmp_path / "probs.zarr"), sphere_probabilities((16, 16, 16), centres, np.full(4, 4.5)))
+    whole, _ = run(client, tmp_path, source, (16, 16, 16), name="whole", decode={"min_size": 0})
+
+    def broken(self, fixup):
+        raise MemoryError("injected: the component's box does not fit")
+
+    original = tasks.FixupTask.__call__
+    monkeypatch.setattr(tasks.FixupTask, "__call__", broken)
+    cfg = InstancesConfig(
+        input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 8, 8), decode={"min_size": 0}, viewing=False
+    )
+    failed = run_instances(cfg, client, progress=False)
+    assert not failed.ok and failed.relabel is None and failed.match.ok
+    [failure] = failed.failures
+    assert failure.unit == "fix-up of foreground component" and "MemoryError: injected" in failure.error
+    assert failure.write_roi.count(",") == 4  # the component's box, OFFSET:SHAPE
+    monkeypatch.setattr(tasks.FixupTask, "__call__", original)
+    resumed = run_instances(cfg, client, progress=False)
+    assert (
+        resumed.ok and resumed.decode.skipped == resumed.decode.total and resumed.match.skipped == resumed.match.total
+    )
+    labels = open_volume(str(tmp_path / "seg.zarr")).read(open_volume(str(tmp_path / "seg.zarr")).meta.roi)[0]
+    assert same_up_to_renumbering(labels, whole)
+
+
 def test_watershed_measurements_equal_whole_volume_measurements(client, tmp_path):
     import pyarrow.csv as pcsv
 

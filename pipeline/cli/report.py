@@ -23,7 +23,7 @@ def print_failures(console: Console, failures: list[BlockFailure]) -> None:
     """The blocks that failed after their retries, so the user can see what to fix before re-running."""
     console.print("[bold red]failed blocks[/] (every other block was written; re-run the same command to retry):")
     for failure in failures:
-        console.print(f"  block {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
+        console.print(f"  {failure.unit} {failure.block_id} at {failure.write_roi}: {failure.error}", highlight=False)
 
 
 def print_instances(console: Console, result: Any) -> None:

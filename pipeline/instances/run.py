@@ -29,7 +29,7 @@ from daisy import Roi
 
 from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import ConfigError, GeometryError, StorageError
-from pipeline.execution import RunResult, run_blockwise
+from pipeline.execution import BlockFailure, RunResult, error_text, run_blockwise
 from pipeline.instances.fixup import Fixup, plan_fixups
 from pipeline.instances.ids import check_id_space, id_stride
 from pipeline.instances.measure import ObjectStats, object_table, write_table
@@ -60,6 +60,8 @@ class InstancesResult:
     """Watershed: foreground components that crossed block borders with several seeds, decoded as a whole."""
     table: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    fixup_failures: list[BlockFailure] = field(default_factory=list)
+    """Fix-ups that failed after their retries; the run stops before relabelling (decode and match stay done)."""
 
     @property
     def passes(self) -> list[RunResult]:
@@ -71,7 +73,7 @@ class InstancesResult:
 
     @property
     def failures(self) -> list[Any]:
-        return [f for r in self.passes for f in r.failures]
+        return [f for r in self.passes for f in r.failures] + self.fixup_failures
 
 
 def resolve_decode(cfg: DecodeConfig, source: Volume) -> DecodeConfig:
@@ -254,6 +256,8 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
 
     clock = time.perf_counter()
     merged = _merge(client, spec, plan, cfg.dtype, result)
+    if merged is None:  # a fix-up failed: listed in the result, nothing relabelled
+        return result
     result.seconds["merge"] = time.perf_counter() - clock - result.seconds.get("fixup", 0.0)
     result.num_objects, result.equivalences = len(merged.final_ids), merged.equivalences
     result.border_ids = merged.border_ids
@@ -281,8 +285,10 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     return result
 
 
-def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult) -> Merged:
-    """Fix-ups on Dask, union-find on the client, final numbering, and one ID table per block for relabelling."""
+def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult) -> Merged | None:
+    """Fix-ups on Dask, union-find on the client, final numbering, and one ID table per block for relabelling.
+
+    None when a fix-up failed (listed in `result.fixup_failures`)."""
     files, decode = BlockFiles(spec.files), spec.decode
     loaded = _load_pass_files(files, plan)
     fixups: list[Fixup] = []
@@ -290,9 +296,11 @@ def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: In
     if decode.method == "watershed":
         fixups, fixed = plan_fixups(loaded.stats, loaded.components, loaded.links, loaded.touches, spec.stride)
     clock = time.perf_counter()
-    extra = _run_fixups(client, spec, fixups)
+    extra, result.fixup_failures = _run_fixups(client, spec, fixups)
     result.seconds["fixup"] = time.perf_counter() - clock
     result.fixups = len(fixups)
+    if result.fixup_failures:
+        return None
     merged = merge_objects(
         loaded.stats, loaded.links, loaded.touches, loaded.contacts, decode.min_size, fixed, ObjectStats.concat(extra)
     )
@@ -317,12 +325,19 @@ def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: In
     return merged
 
 
-def _run_fixups(client: Any, spec: StageSpec, fixups: list[Fixup]) -> list[ObjectStats]:
-    """Decode every listed component as a whole on the Dask cluster; their objects' statistics, in order."""
-    if not fixups:
-        return []
+def _run_fixups(client: Any, spec: StageSpec, fixups: list[Fixup]) -> tuple[list[ObjectStats], list[BlockFailure]]:
+    """Decode every listed component as a whole on the Dask cluster: their objects' statistics in order, and
+    the fix-ups that failed after their retries (reported like failed blocks)."""
     futures = client.map(FixupTask(spec), fixups, pure=False, retries=2)
-    return [ObjectStats.from_arrays(arrays) for arrays in client.gather(futures)]
+    stats, failures = [], []
+    for fixup, future in zip(fixups, futures, strict=True):
+        try:
+            stats.append(ObjectStats.from_arrays(future.result()))
+        except Exception as error:  # any task error is reported; the other fix-ups still finish
+            text = error_text(error)
+            log.error("fix-up of foreground component %d (box %s) failed: %s", fixup.key, roi_key(fixup.roi), text)
+            failures.append(BlockFailure(fixup.key, roi_key(fixup.roi), text, unit="fix-up of foreground component"))
+    return stats, failures
 
 
 def _fixup_tables(extra: list[ObjectStats], extra_final: np.ndarray | None) -> list[np.ndarray]:
