@@ -46,6 +46,7 @@ def config_models() -> dict[str, type]:
         "demo_train.yaml": TrainConfig,
         "lucchi.yaml": TrainConfig,
         "lucchi_finetune.yaml": TrainConfig,
+        "lucchi_ema.yaml": TrainConfig,
     }
     try:
         from pipeline.config.instances import InstancesConfig
