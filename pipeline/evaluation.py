@@ -113,7 +113,7 @@ def evaluation_region(volume: Volume, roi: Roi | None) -> Roi:
     Voxels outside the region a run predicted hold no prediction, so they must not count as misses.
     """
     whole = Roi((0, 0, 0), tuple(volume.meta.shape))
-    recorded = (volume.provenance or {}).get("roi") if isinstance(volume.provenance, dict) else None
+    recorded = volume.provenance.get("roi") if isinstance(volume.provenance, dict) else None
     region = roi or (parse_roi(recorded) if isinstance(recorded, str) else whole)
     if not whole.contains(region):
         raise GeometryError(
