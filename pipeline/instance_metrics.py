@@ -157,9 +157,11 @@ def instance_scores(
             "both must cover the same voxels"
         )
     region = roi or truth.meta.roi
-    (z_begin, y, x), (z_end, height, width) = region.begin, (region.end[0], *region.shape[1:])
-    depth = max(1, slab_voxels // (height * width))
-    slabs = [Roi((z0, y, x), (z1 - z0, height, width)) for z0, z1 in _slabs(z_begin, z_end, depth)]
+    depth = max(1, slab_voxels // (region.shape[1] * region.shape[2]))
+    slabs = [
+        Roi((z0, *region.begin[1:]), (z1 - z0, *region.shape[1:]))
+        for z0, z1 in _slabs(region.begin[0], region.end[0], depth)
+    ]
     if truth_components is None:
         truth_components = all(int(truth.read(slab).max()) <= 1 for slab in slabs)
     labelled = None
