@@ -47,6 +47,7 @@ def config_models() -> dict[str, type]:
         "lucchi.yaml": TrainConfig,
         "lucchi_finetune.yaml": TrainConfig,
         "lucchi_ema.yaml": TrainConfig,
+        "lucchi_border.yaml": TrainConfig,
     }
     try:
         from pipeline.config.instances import InstancesConfig

@@ -62,6 +62,14 @@ class DataConfig(BaseModel):
     foreground_oversample: float = Field(
         0.5, ge=0, le=1, description="Probability that a patch is centred on a random foreground voxel."
     )
+    border_overhang: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Fraction of the patch shape by which a patch may reach past its region's borders, the part "
+        "outside mirrored as inference pads volume borders: the network then learns objects cut by a volume "
+        "border (0 = patches stay inside).",
+    )
 
 
 class AugmentConfig(BaseModel):

@@ -12,6 +12,7 @@ from daisy import Roi
 from pipeline.augment import augment
 from pipeline.config.train import AugmentConfig, DataConfig, Region
 from pipeline.errors import ConfigError, GeometryError
+from pipeline.stitching import mirror_indices
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ def load_regions(cfg: DataConfig, which: str) -> list[LabelledRegion]:
     return out
 
 
+def crop_mirrored(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The box `start`..`start + shape` of `array` (a copy), mirrored past its borders as `segment` pads volumes."""
+    axes = (mirror_indices(int(s), int(s) + p, n) for s, p, n in zip(start, shape, array.shape, strict=True))
+    return array[np.ix_(*axes)]
+
+
 class PatchSampler:
     """Random training patches with foreground over-sampling and augmentation."""
 
@@ -109,21 +116,25 @@ class PatchSampler:
             coords = np.argwhere(region.label[:, ::4, ::4]) * np.array([1, 4, 4])
             self.foreground.append(coords)
 
+    def start(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """A random patch origin in region `index`: on a foreground voxel with probability
+        `foreground_oversample`, and up to `border_overhang` of the patch shape past the region's borders."""
+        shape = np.array(self.cfg.patch_shape)
+        reach = (shape * self.cfg.border_overhang).astype(int)
+        low, high = -reach, np.array(self.regions[index].raw.shape) - shape + reach
+        fg = self.foreground[index]
+        if len(fg) and rng.random() < self.cfg.foreground_oversample:
+            centre = fg[int(rng.integers(len(fg)))]
+            return np.clip(centre - rng.integers(0, shape), low, high)
+        return np.array([int(rng.integers(a, b + 1)) for a, b in zip(low, high, strict=True)])
+
     def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One augmented patch: raw float32 in [0, 1] and label uint8, both of shape data.patch_shape."""
         index = int(rng.choice(len(self.regions), p=self.weights))
         region = self.regions[index]
-        shape = np.array(self.cfg.patch_shape)
-        limit = np.array(region.raw.shape) - shape
-        fg = self.foreground[index]
-        if len(fg) and rng.random() < self.cfg.foreground_oversample:
-            centre = fg[int(rng.integers(len(fg)))]
-            start = np.clip(centre - rng.integers(0, shape), 0, limit)
-        else:
-            start = np.array([int(rng.integers(0, m + 1)) for m in limit])
-        box = tuple(slice(int(s), int(s + p)) for s, p in zip(start, shape, strict=True))
-        raw = region.raw[box].astype(np.float32) / 255.0
-        return augment(raw, region.label[box].copy(), self.augment_cfg, rng)
+        start = self.start(index, rng)
+        raw = crop_mirrored(region.raw, start, self.cfg.patch_shape).astype(np.float32) / 255.0
+        return augment(raw, crop_mirrored(region.label, start, self.cfg.patch_shape), self.augment_cfg, rng)
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A batch: raw (B, 1, Z, Y, X) float32 and label (B, Z, Y, X) uint8."""

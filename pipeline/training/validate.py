@@ -44,7 +44,7 @@ def predict_volume(
     stride = tuple(max(1, int(round(c * (1 - overlap)))) for c in core)
     out_shape = tuple(max(s, c) for s, c in zip(raw.shape, core, strict=True))
     pad = [(c, c + o - s) for c, o, s in zip(context, out_shape, raw.shape, strict=True)]
-    padded = np.pad(raw, pad, mode="symmetric")
+    padded = np.pad(raw, pad, mode="reflect")  # as `segment` mirrors volume borders (no edge repeat)
     weight = _gaussian(core)  # type: ignore[arg-type]
     acc = None
     norm = np.zeros(out_shape, dtype=np.float32)

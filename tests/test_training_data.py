@@ -1,0 +1,61 @@
+"""Training patches: origins stay inside the region unless allowed to overhang, and overhangs are mirrored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config.train import AugmentConfig, DataConfig
+from pipeline.training.data import LabelledRegion, PatchSampler, crop_mirrored
+
+SHAPE = (8, 32, 32)
+NO_AUGMENT = AugmentConfig(flip=False, rot90=False, intensity=0, elastic=0, missing_section=0, misalignment=0, blur=0)
+
+
+def _region(seed: int = 0) -> LabelledRegion:
+    raw = np.random.default_rng(seed).integers(0, 256, (12, 40, 48), dtype=np.uint8)
+    return LabelledRegion(raw, (raw > 127).astype(np.uint8), "synthetic")
+
+
+def _sampler(overhang: float, foreground: float = 0.0) -> PatchSampler:
+    data = DataConfig(
+        volumes=[{"raw": "r", "label": "l"}],
+        patch_shape=SHAPE,
+        foreground_oversample=foreground,
+        border_overhang=overhang,
+    )
+    return PatchSampler([_region()], data, NO_AUGMENT)
+
+
+@pytest.mark.parametrize("start", [(0, 0, 0), (4, 8, 16), (-3, -10, 5), (6, 20, 30), (-4, 30, -16)])
+def test_crop_mirrored_equals_a_crop_of_the_reflect_padded_array(start: tuple[int, int, int]) -> None:
+    array = _region().raw
+    padded = np.pad(array, [(p, p) for p in SHAPE], mode="reflect")
+    box = tuple(slice(s + p, s + p + n) for s, p, n in zip(start, SHAPE, SHAPE, strict=True))
+    np.testing.assert_array_equal(crop_mirrored(array, np.array(start), SHAPE), padded[box])
+
+
+@pytest.mark.parametrize("foreground", [0.0, 1.0])
+def test_patches_stay_inside_without_overhang(foreground: float) -> None:
+    sampler, rng = _sampler(0.0, foreground), np.random.default_rng(1)
+    limit = np.array(_region().raw.shape) - np.array(SHAPE)
+    starts = np.array([sampler.start(0, rng) for _ in range(400)])
+    assert (starts >= 0).all() and (starts <= limit).all()
+
+
+@pytest.mark.parametrize("foreground", [0.0, 1.0])
+def test_overhang_reaches_past_every_border_and_no_further(foreground: float) -> None:
+    sampler, rng = _sampler(0.5, foreground), np.random.default_rng(2)
+    reach = np.array(SHAPE) // 2
+    limit = np.array(_region().raw.shape) - np.array(SHAPE)
+    starts = np.array([sampler.start(0, rng) for _ in range(2000)])
+    assert (starts >= -reach).all() and (starts <= limit + reach).all()
+    assert (starts.min(axis=0) < 0).all() and (starts.max(axis=0) > limit).all()
+
+
+def test_overhanging_patches_keep_raw_and_label_aligned() -> None:
+    sampler, rng = _sampler(0.5), np.random.default_rng(3)
+    for _ in range(50):
+        raw, label = sampler.patch(rng)
+        assert raw.shape == label.shape == SHAPE
+        np.testing.assert_array_equal(label, (np.rint(raw * 255) > 127).astype(np.uint8))
