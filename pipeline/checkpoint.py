@@ -44,7 +44,8 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint atomically and return its content hash.
 
-    Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `metadata` (JSON-able dict with the
+    Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `median_size` (odd int, 0 = none: the
+    median filter `segment` applies by default), `metadata` (JSON-able dict with the
     training config, step and scores), and for resuming `optimizer`, `scheduler`, `step`, `rng`.
     """
     path = Path(path)
@@ -77,6 +78,7 @@ class LoadedCheckpoint:
     threshold: float
     patch_shape: tuple[int, int, int]
     metadata: dict[str, Any]
+    median_size: int = 0
     payload: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -131,6 +133,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     div = cfg.size_divisor()
     if len(patch) != 3 or any(p % d for p, d in zip(patch, div, strict=True)):
         raise ModelLoadError(f"checkpoint {path} recommends patch shape {patch}, not divisible by {div}; retrain")
+    median = payload.get("median_size", 0)
+    if not isinstance(median, int) or median < 0 or (median and median % 2 == 0):
+        raise ModelLoadError(f"checkpoint {path} recommends median size {median!r}, not 0 or odd; export it again")
     try:
         metadata = json.loads(payload.get("metadata", "{}"))
     except (TypeError, json.JSONDecodeError) as err:
@@ -142,15 +147,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         threshold=float(payload.get("threshold", 0.5)),
         patch_shape=patch,  # type: ignore[arg-type]
         metadata=metadata,
+        median_size=median,
         payload=payload,
     )
 
 
-def export_checkpoint(source: str | Path, target: str | Path) -> str:
-    """Copy a training checkpoint without optimizer state and projection head (small, for shipping)."""
+def export_checkpoint(source: str | Path, target: str | Path, median_size: int | None = None) -> str:
+    """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
+
+    `median_size` records the median filter `segment` applies by default (measure it with
+    benchmarks/postprocess.py); None keeps the source's recommendation.
+    """
     payload = read_payload(source)
     cfg = NetworkConfig.model_validate_json(payload["network_config"])
     state = {k: v for k, v in payload["state_dict"].items() if not k.startswith(_TRAINING_ONLY)}
-    extra = {k: payload[k] for k in ("threshold", "patch_shape", "step") if k in payload}
+    extra = {k: payload[k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payload}
+    if median_size is not None:
+        extra["median_size"] = median_size
     extra["metadata"] = json.loads(payload.get("metadata", "{}"))
     return save_checkpoint(target, network_config=cfg, state_dict=state, **extra)

@@ -36,6 +36,7 @@ class NetworkInfo:
     patch_shape: tuple[int, int, int]
     size_divisor: tuple[int, int, int]
     threshold: float
+    median_size: int
 
 
 @dataclass
@@ -71,6 +72,7 @@ def network_info(checkpoint: str) -> NetworkInfo:
         patch_shape=tuple(int(p) for p in loaded.patch_shape),  # type: ignore[arg-type]
         size_divisor=tuple(int(d) for d in loaded.network.size_divisor),  # type: ignore[arg-type]
         threshold=float(loaded.threshold),
+        median_size=loaded.median_size,
     )
 
 
@@ -120,6 +122,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     if bad:
         raise ConfigError(f"patch_shape {patch} must be divisible by the network's size divisor {net.size_divisor}")
     grid = PatchGrid.with_overlap(patch, net.context, config.overlap)  # type: ignore[arg-type]
+    median = net.median_size if config.median_size is None else config.median_size
     roi = parse_roi(config.roi) if config.roi else source.meta.roi
     out_meta = source.meta.derive(
         dtype=np.dtype(config.output_dtype),
@@ -148,7 +151,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         dtype=config.output_dtype,
         blending=config.blending,
         tta=config.tta,
-        median_size=config.median_size,
+        median_size=median,
         outputs=outputs,
     )
     done = DoneMarkers(volumes[0].url.location, key)
@@ -163,7 +166,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "channels": ["mitochondrion", "contour"][: net.out_channels],
         "output_dtype": config.output_dtype,
         "tta": config.tta,
-        "median_size": config.median_size,
+        "median_size": median,
         "roi": roi_key(roi),
     }
     for volume in volumes:
@@ -176,7 +179,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         output_dtype=config.output_dtype,
         blending=config.blending,
         tta=config.tta,
-        median_size=config.median_size,
+        median_size=median,
     )
     return SegmentRun(config, plan, job, done, outputs)
 

@@ -42,11 +42,20 @@ def test_round_trip_rebuilds_the_same_network(tmp_path: Path) -> None:
 def test_defaults_and_export_keep_the_hash(tmp_path: Path) -> None:
     _, digest = _save(tmp_path / "c.pt", optimizer={"state": {}})
     loaded = load_checkpoint(tmp_path / "c.pt")
-    assert loaded.threshold == 0.5 and loaded.metadata == {}
+    assert loaded.threshold == 0.5 and loaded.metadata == {} and loaded.median_size == 0
     assert export_checkpoint(tmp_path / "c.pt", tmp_path / "small.pt") == digest
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     assert "optimizer" not in small and not any(k.startswith("projection.") for k in small["state_dict"])
     assert load_checkpoint(tmp_path / "small.pt").content_hash == digest
+
+
+def test_export_records_a_median_recommendation_that_later_exports_keep(tmp_path: Path) -> None:
+    _, digest = _save(tmp_path / "c.pt", threshold=0.4)
+    assert export_checkpoint(tmp_path / "c.pt", tmp_path / "m.pt", median_size=7) == digest
+    assert load_checkpoint(tmp_path / "m.pt").median_size == 7
+    export_checkpoint(tmp_path / "m.pt", tmp_path / "again.pt")
+    again = load_checkpoint(tmp_path / "again.pt")
+    assert again.median_size == 7 and again.threshold == 0.4
 
 
 @pytest.mark.parametrize(
@@ -57,6 +66,7 @@ def test_defaults_and_export_keep_the_hash(tmp_path: Path) -> None:
         ("foreign", "not a mitoseg checkpoint"),
         ("tampered", "corrupt"),
         ("bad_patch", "not divisible"),
+        ("even_median", "median size 4, not 0 or odd"),
     ],
 )
 def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage: str, pattern: str) -> None:
@@ -72,6 +82,8 @@ def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage
         torch.save(payload, path)
     elif damage == "bad_patch":
         _save(path, patch_shape=[8, 31, 31])
+    elif damage == "even_median":
+        _save(path, median_size=4)
     with pytest.raises(ModelLoadError, match=pattern) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)

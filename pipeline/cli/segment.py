@@ -37,7 +37,11 @@ def segment(
         str | None, typer.Option("--tta", help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).")
     ] = None,
     median_size: Annotated[
-        int | None, typer.Option("--median", help="Median-filter the probabilities over an N^3 cube (odd; 0 = off).")
+        int | None,
+        typer.Option(
+            "--median",
+            help="Median-filter the probabilities over an N^3 cube (odd; 0 = off). Default: the checkpoint's.",
+        ),
     ] = None,
     instances: Annotated[
         str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")

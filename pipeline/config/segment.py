@@ -46,12 +46,13 @@ class SegmentConfig(BaseModel):
     tta: TTAMode = Field(
         "none", description="Test-time augmentation: yx averages 8 in-plane flips/swaps, zyx 16; as many passes."
     )
-    median_size: int = Field(
-        0,
+    median_size: int | None = Field(
+        None,
         ge=0,
         description="Median-filter the mitochondrion probabilities over a cube of this many voxels (odd; 0 = off) "
-        "before writing: smoother boundaries, less speckle (7 for Lucchi, as PyTorch Connectomics). Blocks "
-        "predict size // 2 extra voxels on each side for it, so the result does not depend on the block size.",
+        "before writing: smoother boundaries, less speckle. Blocks predict size // 2 extra voxels on each side "
+        "for it, so the result does not depend on the block size. None = the checkpoint's recommendation "
+        "(none unless the checkpoint records one).",
     )
     output_dtype: Literal["uint8", "float16", "float32"] = Field(
         "uint8", description="uint8 stores probability x 255; float16/float32 store the probability."
@@ -81,7 +82,7 @@ class SegmentConfig(BaseModel):
 
     @field_validator("median_size")
     @classmethod
-    def _odd(cls, value: int) -> int:
+    def _odd(cls, value: int | None) -> int | None:
         if value and value % 2 == 0:
             raise ValueError(f"a median filter needs an odd size (a centre voxel), got {value}; use {value + 1}")
         return value
