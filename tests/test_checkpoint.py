@@ -91,7 +91,7 @@ def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage
 
 @pytest.mark.skipif(not LUCCHI.exists(), reason="Lucchi data absent (../shared/data/lucchi): a fresh clone")
 def test_shipped_lucchi_network_segments_held_out_real_data() -> None:
-    """models/lucchi.pt on a corner of the held-out slices (z 130..146), at its stored threshold."""
+    """models/lucchi.pt on a corner of the held-out slices (z 130..146), with its stored threshold and median."""
     import zarr
 
     from pipeline.training.validate import score_checkpoint

@@ -105,16 +105,16 @@ def score_checkpoint(
     overlap: float = 0.25,
     threshold: float | None = None,
     tta: TTAMode = "none",
-    median_size: int = 0,
+    median_size: int | None = None,
 ) -> dict[str, float]:
-    """Scores of a checkpoint on a (raw, label) volume, predicted with its recommended patch shape,
-    Gaussian blending, test-time augmentation `tta` and a `median_size` median filter (as `segment` runs it);
-    threshold from the checkpoint unless given."""
+    """Scores of a checkpoint on a (raw, label) volume, predicted as `segment` runs it: its recommended patch
+    shape, Gaussian blending, test-time augmentation `tta`, a `median_size` median filter (the checkpoint's
+    recommendation unless given) and its threshold unless given."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.smoothing import median_filter
 
     loaded = load_checkpoint(path)
     prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=tta)
-    prob = median_filter(prob, median_size)
+    prob = median_filter(prob, loaded.median_size if median_size is None else median_size)
     cut = loaded.threshold if threshold is None else threshold
     return {**count(prob[0] >= cut, label > 0).scores(), "threshold": cut}
