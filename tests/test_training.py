@@ -215,3 +215,14 @@ def test_lucchi_config_names_matching_volumes_and_a_disjoint_split(monkeypatch: 
         raw, _ = open_pair(source.raw, source.label)
         assert raw.meta.shape == (165, 768, 1024)
         assert source.train.z[1] <= source.validation.z[0]  # held-out slices never trained on
+
+
+def test_loader_workers_change_nothing_but_speed_and_snapshots_are_kept(tmp_path: Path) -> None:
+    inline = train(tiny_config(tmp_path / "a", optim={"iterations": 6}))
+    workers = train(tiny_config(tmp_path / "b", optim={"iterations": 6}, data={"loader_workers": 2}, snapshot_every=3))
+    for key, value in inline.network.state_dict().items():
+        torch.testing.assert_close(workers.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    run = tmp_path / "b" / "run"
+    assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_0000003.pt", "step_0000006.pt"]
+    assert torch.load(run / "step_0000003.pt", weights_only=True)["step"] == 3
+    assert not list((tmp_path / "a" / "run").glob("step_*.pt"))

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config.train import AugmentConfig, DataConfig
 from pipeline.training.data import LabelledRegion, PatchSampler, crop_mirrored
+from pipeline.training.prefetch import BatchPrefetcher, step_batch
 
 SHAPE = (8, 32, 32)
 NO_AUGMENT = AugmentConfig(flip=False, rot90=False, intensity=0, elastic=0, missing_section=0, misalignment=0, blur=0)
@@ -59,3 +60,17 @@ def test_overhanging_patches_keep_raw_and_label_aligned() -> None:
         raw, label = sampler.patch(rng)
         assert raw.shape == label.shape == SHAPE
         np.testing.assert_array_equal(label, (np.rint(raw * 255) > 127).astype(np.uint8))
+
+
+def test_worker_processes_make_the_same_batches_as_in_line_even_after_a_jump() -> None:
+    sampler = _sampler(0.25, foreground=0.5)
+    steps = [0, 1, 2, 3, 10, 11, 5]  # a resume jumps ahead; an earlier step after that starts afresh
+    expected = [step_batch(sampler, 7, 1, step, 2) for step in steps]
+    with BatchPrefetcher(sampler, 7, 1, 2, workers=2) as prefetcher:
+        made = [prefetcher.batch(step) for step in steps]
+    for step, want, got in zip(steps, expected, made, strict=True):
+        assert got[0] == want[0], step
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"raw of step {step}")
+        np.testing.assert_array_equal(got[2], want[2], err_msg=f"label of step {step}")
+    assert len({b[0] for b in expected}) == len(steps)  # each step has its own generator seed
+    assert prefetcher.pool is None

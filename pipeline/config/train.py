@@ -70,6 +70,12 @@ class DataConfig(BaseModel):
         "outside mirrored as inference pads volume borders: the network then learns objects cut by a volume "
         "border (0 = patches stay inside).",
     )
+    loader_workers: int = Field(
+        0,
+        ge=0,
+        description="Processes that make batches ahead of the training step (0 = in the training process). The "
+        "batches are the same whatever the number; on a GPU augmentation is slower than the step, so use several.",
+    )
 
 
 class AugmentConfig(BaseModel):
@@ -172,6 +178,12 @@ class TrainConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     log_every: int = Field(10, ge=1, description="Iterations between metric log lines.")
     checkpoint_every: int = Field(100, ge=1, description="Iterations between checkpoints.")
+    snapshot_every: int | None = Field(
+        None,
+        ge=1,
+        description="Also keep a checkpoint every this many iterations as step_NNNNNNN.pt (to validate or average "
+        "them elsewhere, e.g. when the training machine holds no validation data). None = only last and best.",
+    )
     val_every: int = Field(200, ge=1, description="Iterations between validations.")
     val_patch_shape: tuple[int, int, int] = Field(
         (16, 256, 256), description="Inference patch (z, y, x) for validation, stored in the checkpoint."

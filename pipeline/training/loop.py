@@ -27,6 +27,7 @@ from pipeline.model import ResUNet, build_network
 from pipeline.sampling import sample_points
 from pipeline.training import distributed
 from pipeline.training.data import LabelledRegion, PatchSampler, ensure_synthetic, load_regions
+from pipeline.training.prefetch import BatchPrefetcher
 from pipeline.training.validate import ThresholdTuner, predict_volume
 
 logger = logging.getLogger(__name__)
@@ -338,14 +339,14 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
         return step >= stop or (step > cfg.optim.warmup_iterations and schedule_progress(step, now_elapsed, cfg) >= 1)
 
     finished = done()
-    with progress:
+    prefetcher = BatchPrefetcher(sampler, cfg.seed, info.rank, cfg.data.batch_size, cfg.data.loader_workers)
+    with progress, prefetcher:
         while not finished:
             now_elapsed = elapsed()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(step, cfg, now_elapsed)
-            rng = np.random.default_rng([cfg.seed, info.rank, step])
-            gen = torch.Generator(device=info.device).manual_seed(int(rng.integers(2**62)))
-            raw_np, label_np = sampler.batch(cfg.data.batch_size, rng)
+            generator_seed, raw_np, label_np = prefetcher.batch(step)
+            gen = torch.Generator(device=info.device).manual_seed(generator_seed)
             raw = torch.from_numpy(raw_np).to(info.device)
             label = torch.from_numpy(label_np).to(info.device)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -373,7 +374,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                 progress.update(task, completed=step, info=text)
                 if progress.disable:
                     logger.info("step %d/%d %s", step, stop, text)
-            if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished:
+            snapshot = cfg.snapshot_every is not None and step % cfg.snapshot_every == 0
+            if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished or snapshot:
                 distributed.average_buffers(network, info)
                 if average is not None:  # its batch-norm statistics follow each rank's own batches
                     distributed.average_buffers(evaluated, info)
@@ -387,6 +389,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                     checkpoint(best_path, threshold, last_scores)
             if info.is_main and (step % cfg.checkpoint_every == 0 or finished):
                 checkpoint(last_path, best_threshold, last_scores)
+            if info.is_main and snapshot:
+                checkpoint(out / f"step_{step:07d}.pt", best_threshold, last_scores)
             if step % cfg.checkpoint_every == 0:
                 distributed.barrier(info)
     if metrics is not None:
