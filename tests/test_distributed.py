@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config.train import TrainConfig
@@ -49,7 +50,9 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
     )
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     (tmp_path / "run_rank.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # gloo on the CPU even where a GPU is present (two ranks cannot share one GPU under NCCL)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [
             sys.executable,
@@ -76,3 +79,14 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
     for part in ("network", "average"):  # batch-norm statistics of both averaged over ranks at the checkpoint
         for key, value in rank0[part].items():
             torch.testing.assert_close(rank1[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.training import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="LOCAL_RANK 1 but this node has 1 GPU"):
+        distributed.setup()

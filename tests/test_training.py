@@ -226,3 +226,15 @@ def test_loader_workers_change_nothing_but_speed_and_snapshots_are_kept(tmp_path
     assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_0000003.pt", "step_0000006.pt"]
     assert torch.load(run / "step_0000003.pt", weights_only=True)["step"] == 3
     assert not list((tmp_path / "a" / "run").glob("step_*.pt"))
+
+
+def test_time_budget_overrides_only_the_budget(tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "lucchi_ema.yaml"
+    plain, limited = load_train_config(path), load_train_config(path, time_budget=7.5)
+    assert limited.optim.time_budget_minutes == 7.5 != plain.optim.time_budget_minutes
+    assert limited.optim.model_copy(update={"time_budget_minutes": None}) == plain.optim.model_copy(
+        update={"time_budget_minutes": None}
+    )
+    (tmp_path / "bad.yaml").write_text("data: {volumes: [{raw: a, label: b}]}\n")
+    with pytest.raises(ConfigError, match="optim.time_budget_minutes"):
+        load_train_config(tmp_path / "bad.yaml", time_budget=-1)

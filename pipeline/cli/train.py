@@ -16,13 +16,20 @@ def train(
         int | None, typer.Option("--max-iterations", help="Stop at this step (the schedule stays the config's).")
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Run folder (overrides output_dir).")] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            help="Wall-clock minutes for the schedule (overrides optim.time_budget_minutes; e.g. a job's time limit).",
+        ),
+    ] = None,
 ) -> None:
     """Train the segmentation network (one process, or under torchrun with DDP)."""
     from pipeline.training import load_train_config
     from pipeline.training.loop import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_train_config(config, output=output)
+    cfg = load_train_config(config, output=output, time_budget=time_budget)
     result = run_training(cfg, resume=resume, max_iterations=max_iterations)
     best = f"{result.best_jaccard:.4f}" if result.best_jaccard is not None else "n/a"
     typer.echo(

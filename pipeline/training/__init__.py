@@ -8,8 +8,11 @@ from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
 
 
-def load_train_config(path: str | Path, *, output: str | Path | None = None) -> TrainConfig:
-    """Read and validate a training YAML file; ConfigError names the field and the problem."""
+def load_train_config(
+    path: str | Path, *, output: str | Path | None = None, time_budget: float | None = None
+) -> TrainConfig:
+    """Read and validate a training YAML file, with `output_dir` and `optim.time_budget_minutes` overridden
+    when given; ConfigError names the field and the problem."""
     import yaml
     from pydantic import ValidationError
 
@@ -22,6 +25,10 @@ def load_train_config(path: str | Path, *, output: str | Path | None = None) -> 
         raise ConfigError(f"training config {path} is not valid YAML: {err}") from err
     if output is not None:
         data["output_dir"] = str(output)
+    if time_budget is not None:
+        if not isinstance(data.get("optim", {}), dict):
+            raise ConfigError(f"training config {path} is invalid: optim must be a mapping")
+        data["optim"] = {**data.get("optim", {}), "time_budget_minutes": time_budget}
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:

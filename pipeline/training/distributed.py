@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,6 +35,12 @@ def setup() -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process with LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): start at most "
+                "one process per GPU (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES='') to "
+                "train on the CPU with gloo"
+            )
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# What a lent GPU machine runs for mitoseg: a bare image with PyTorch and CUDA, no network, only this repository.
+# The repository travels with .whl/ (wheels of the dependencies the image lacks: pydantic, zarr, numcodecs,
+# daisy, dask, distributed, ...) and .gpu/<part> (z-slabs of the Lucchi volume made by pack_volume.py), both
+# ignored by git. Results go to $OUT. Stages:
+#   run.sh check            environment, unpack part a, the GPU tests, `segment` + `evaluate` on the GPU,
+#                           the training-speed table (benchmarks/train_speed.py)
+#   run.sh train MINUTES    unpack part b, then configs/lucchi_gpu.yaml and configs/lucchi_gpu_ft.yaml side by
+#                           side for MINUTES (no validation there: the held-out slab stays behind), and the
+#                           last checkpoint and last two snapshots of each, exported small, into $OUT
+set -uo pipefail
+OUT=${OUT:-/tmp/mitoseg-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=/tmp/mitoseg-site
+if [ ! -f $SITE/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl \
+        && touch $SITE/.installed || exit 1
+fi
+export PYTHONPATH=$SITE:$PWD
+DATA=../shared/data/lucchi/train.zarr
+unpack() { python3 benchmarks/device/pack_volume.py unpack ".gpu/$1" $DATA && echo "unpacked part $1 into $DATA"; }
+
+check() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    unpack a
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py tests/test_training.py \
+        tests/test_losses.py tests/test_distributed.py 2>&1 | tail -15
+    echo "== segment slices 0..31 with the shipped network on the GPU, then evaluate"
+    /usr/bin/time -f "segment wall %e s" python3 -m pipeline segment --input $DATA/raw --roi 0,0,0:32,768,1024 \
+        --output /tmp/mitoseg-pred.zarr/probs --workers 2 2>&1 | grep -v " INFO " | tail -5
+    python3 -m pipeline evaluate --prediction /tmp/mitoseg-pred.zarr/probs --truth $DATA/label --json
+    echo "== training speed"
+    python3 benchmarks/train_speed.py --config configs/lucchi_gpu_ft.yaml --batch 1 8 --workers 0 6 \
+        --iterations 40 2>&1 | grep -v " INFO " | tail -8
+    python3 benchmarks/train_speed.py --config configs/lucchi_gpu.yaml --batch 8 --workers 6 \
+        --precision bf16 fp32 --iterations 40 2>&1 | grep -v " INFO " | tail -6
+}
+
+train() {
+    local minutes=$1
+    unpack b
+    for name in lucchi_gpu lucchi_gpu_ft; do
+        python3 - "$name" <<'EOF'
+import sys, yaml
+name = sys.argv[1]
+cfg = yaml.safe_load(open(f"configs/{name}.yaml"))
+for volume in cfg["data"]["volumes"]:
+    volume["validation"] = None
+yaml.safe_dump(cfg, open(f"/tmp/{name}.yaml", "w"))
+EOF
+        timeout $((minutes * 60 + 120)) python3 -m pipeline train /tmp/$name.yaml --time-budget "$minutes" \
+            > "runs_$name.log" 2>&1 &
+    done
+    wait
+    tail -n 3 runs_*.log
+    python3 - "$OUT" <<'EOF'
+import sys
+from pathlib import Path
+from pipeline.checkpoint import export_checkpoint
+out = Path(sys.argv[1])
+for name in ("lucchi_gpu", "lucchi_gpu_ft"):
+    run = Path("runs") / name
+    picks = sorted(run.glob("step_*.pt"))[-2:] + [run / "last.pt"]
+    for path in picks:
+        if path.exists():
+            target = out / f"{name}_{path.stem}.pt"
+            export_checkpoint(path, target)
+            print("exported", target, target.stat().st_size)
+EOF
+    tar czf "$OUT/logs.tgz" runs_*.log runs/lucchi_gpu*/train.csv runs/lucchi_gpu*/config.json
+}
+
+case "${1:-}" in
+    check) check 2>&1 | tee "$OUT/check.log" ;;
+    train) train "${2:?give the training minutes}" 2>&1 | tee "$OUT/train.log" ;;
+    *) echo "usage: run.sh check | train MINUTES" >&2; exit 2 ;;
+esac
