@@ -152,17 +152,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     )
 
 
-def export_checkpoint(source: str | Path, target: str | Path, median_size: int | None = None) -> str:
+def export_checkpoint(
+    source: str | Path, target: str | Path, median_size: int | None = None, threshold: float | None = None
+) -> str:
     """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
 
-    `median_size` records the median filter `segment` applies by default (measure it with
-    benchmarks/postprocess.py); None keeps the source's recommendation.
+    `median_size` records the median filter `segment` applies by default and `threshold` the decision threshold
+    (measure both with benchmarks/postprocess.py, e.g. for a run trained where its validation data was not);
+    None keeps the source's. Neither changes the content hash, which covers config and weights.
     """
+    if threshold is not None and not 0 < threshold < 1:
+        raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
     payload = read_payload(source)
     cfg = NetworkConfig.model_validate_json(payload["network_config"])
     state = {k: v for k, v in payload["state_dict"].items() if not k.startswith(_TRAINING_ONLY)}
     extra = {k: payload[k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payload}
     if median_size is not None:
         extra["median_size"] = median_size
+    if threshold is not None:
+        extra["threshold"] = threshold
     extra["metadata"] = json.loads(payload.get("metadata", "{}"))
     return save_checkpoint(target, network_config=cfg, state_dict=state, **extra)

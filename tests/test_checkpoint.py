@@ -58,6 +58,15 @@ def test_export_records_a_median_recommendation_that_later_exports_keep(tmp_path
     assert again.median_size == 7 and again.threshold == 0.4
 
 
+def test_export_records_a_threshold_tuned_elsewhere(tmp_path: Path) -> None:
+    _, digest = _save(tmp_path / "c.pt", threshold=0.5)
+    assert export_checkpoint(tmp_path / "c.pt", tmp_path / "t.pt", threshold=0.42) == digest
+    assert load_checkpoint(tmp_path / "t.pt").threshold == 0.42
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        export_checkpoint(tmp_path / "c.pt", tmp_path / "bad.pt", threshold=1.5)
+    assert not (tmp_path / "bad.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("damage", "pattern"),
     [

@@ -38,6 +38,7 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
     cfg = TrainConfig.model_validate(
         {
             "output_dir": str(tmp_path / "run"),
+            "device": "cpu",  # gloo on the CPU even where a GPU is present: two ranks cannot share one under NCCL
             "num_threads": 1,
             "data": {"volumes": [volume], "patch_shape": [8, 32, 32]},
             "network": {"widths": [4, 8], "embedding_dim": 8, "context": [1, 4, 4]},
@@ -50,9 +51,8 @@ def test_two_rank_torchrun_keeps_weights_identical(tmp_path: Path) -> None:
     )
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     (tmp_path / "run_rank.py").write_text(SCRIPT)
-    # gloo on the CPU even where a GPU is present (two ranks cannot share one GPU under NCCL)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     proc = subprocess.run(
         [
             sys.executable,

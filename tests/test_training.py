@@ -72,9 +72,11 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     assert result.best_jaccard is not None and (tmp_path / "run" / "best.pt").exists()
 
 
+# Tests that compare runs bit for bit train on the CPU: CUDA kernels (cuDNN convolutions' backward passes) are
+# not deterministic, so on a GPU the same run differs in the last bits.
 def test_resume_continues_the_same_schedule_exactly(tmp_path: Path) -> None:
-    straight = train(tiny_config(tmp_path / "a"))
-    cfg_b = tiny_config(tmp_path / "b")
+    straight = train(tiny_config(tmp_path / "a", device="cpu"))
+    cfg_b = tiny_config(tmp_path / "b", device="cpu")
     first = train(cfg_b, max_iterations=4)
     assert first.step == 4
     payload = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
@@ -104,8 +106,8 @@ def test_init_from_starts_a_fresh_schedule_from_saved_weights(tmp_path: Path) ->
 
 
 def test_weight_average_is_checkpointed_and_resumes_exactly(tmp_path: Path) -> None:
-    straight = train(tiny_config(tmp_path / "a", optim={"ema_decay": 0.8}))
-    cfg = tiny_config(tmp_path / "b", optim={"ema_decay": 0.8})
+    straight = train(tiny_config(tmp_path / "a", optim={"ema_decay": 0.8}, device="cpu"))
+    cfg = tiny_config(tmp_path / "b", optim={"ema_decay": 0.8}, device="cpu")
     train(cfg, max_iterations=4)
     resumed = train(cfg, resume=True)
     saved = [torch.load(tmp_path / run / "run" / "last.pt", weights_only=True) for run in ("a", "b")]
@@ -218,8 +220,10 @@ def test_lucchi_config_names_matching_volumes_and_a_disjoint_split(monkeypatch: 
 
 
 def test_loader_workers_change_nothing_but_speed_and_snapshots_are_kept(tmp_path: Path) -> None:
-    inline = train(tiny_config(tmp_path / "a", optim={"iterations": 6}))
-    workers = train(tiny_config(tmp_path / "b", optim={"iterations": 6}, data={"loader_workers": 2}, snapshot_every=3))
+    inline = train(tiny_config(tmp_path / "a", optim={"iterations": 6}, device="cpu"))
+    workers = train(
+        tiny_config(tmp_path / "b", optim={"iterations": 6}, data={"loader_workers": 2}, snapshot_every=3, device="cpu")
+    )
     for key, value in inline.network.state_dict().items():
         torch.testing.assert_close(workers.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
     run = tmp_path / "b" / "run"
@@ -238,3 +242,10 @@ def test_time_budget_overrides_only_the_budget(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("data: {volumes: [{raw: a, label: b}]}\n")
     with pytest.raises(ConfigError, match="optim.time_budget_minutes"):
         load_train_config(tmp_path / "bad.yaml", time_budget=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_fails_before_any_step(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(tiny_config(tmp_path, device="cuda"))
+    assert not (tmp_path / "run" / "train.csv").exists()

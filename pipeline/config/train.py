@@ -167,6 +167,11 @@ class TrainConfig(BaseModel):
     output_dir: str = Field("runs/run", description="Folder for checkpoints and logs (relative to the cwd).")
     seed: int = Field(0, description="Seed of every random generator (rank is added per process).")
     num_threads: int = Field(0, ge=0, description="torch CPU threads per process (0 = torch default).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where to train: auto = each process's GPU when CUDA is present, else the CPU (gloo). CPU "
+        "runs are bitwise reproducible; GPU runs only up to the non-determinism of CUDA kernels.",
+    )
     mixed_precision: bool = Field(True, description="bf16 autocast on a GPU; always off on CPU.")
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="The network to train.")
     init_from: str | None = Field(

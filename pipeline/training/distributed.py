@@ -29,25 +29,27 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup() -> DistInfo:
-    """Initialise the process group when started by torchrun (WORLD_SIZE > 1); pick the device."""
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when started by torchrun (WORLD_SIZE > 1); pick the device ("auto": the
+    process's GPU when CUDA is present, else the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but PyTorch sees no CUDA GPU here: use device auto or cpu")
+    if device != "cpu" and torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise ConfigError(
                 f"process with LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): start at most "
-                "one process per GPU (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES='') to "
-                "train on the CPU with gloo"
+                "one process per GPU (torchrun --nproc_per_node), or set device: cpu to train on the CPU with gloo"
             )
         torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        chosen = torch.device("cuda", local)
     else:
-        device = torch.device("cpu")
+        chosen = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, device)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, chosen)
 
 
 def barrier(info: DistInfo) -> None:

@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_iterations: int | None 
 
     `max_iterations` stops at that absolute step without changing the schedule (for chunked runs).
     """
-    info = distributed.setup()
+    info = distributed.setup(cfg.device)
     try:
         return _train(cfg, info, resume=resume, max_iterations=max_iterations)
     finally:
