@@ -168,6 +168,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "tta": config.tta,
         "median_size": median,
         "roi": roi_key(roi),
+        "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
     }
     for volume in volumes:
         volume.set_provenance(record)
@@ -228,6 +229,12 @@ def segment(config: SegmentConfig, client: Any = None, plugin: Any = None, progr
 def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: bool) -> SegmentResult:
     """Run the blocks, then add the viewing pyramid to each output when every block succeeded."""
     result = execute(run, client, plugin, progress)
+    if result.run.ok:
+        from pipeline.volumes import open_volume
+
+        for url in result.outputs:
+            volume = open_volume(url, mode="r+")
+            volume.set_provenance({**volume.provenance, "complete": True})
     if run.config.pyramid and result.run.ok:
         from pipeline.viewing.pyramid import add_pyramid
 

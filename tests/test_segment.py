@@ -10,7 +10,8 @@ from conftest import em_like, write_raw
 from daisy import Roi
 
 from pipeline.config.segment import SegmentConfig
-from pipeline.errors import ConfigError, GeometryError, ModelLoadError, StorageError
+from pipeline.errors import BlockFailedError, ConfigError, GeometryError, ModelLoadError, StorageError
+from pipeline.evaluation import evaluate_semantic
 from pipeline.segment import segment
 from pipeline.volumes import open_volume
 from workers.plugin import ModelPlugin
@@ -80,6 +81,7 @@ def test_sub_roi_rerun_matches_and_precomputed_output(clients, raw_url, tiny_che
         assert np.abs(got.astype(int) - reference[:, 3:16, 10:60, 20:60].astype(int)).max() <= 1
     pre = open_volume(pre_out)
     assert pre.meta.voxel_size_nm == (8.0, 4.0, 4.0) and pre.provenance["checkpoint_hash"]
+    assert pre.provenance["complete"] is True and open_volume(zarr_out).provenance["complete"] is True
 
 
 def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
@@ -140,6 +142,9 @@ def test_block_that_always_fails_is_reported_and_others_written(clients, raw_url
     assert (got[:, :16] > 0).all() and (got[:, 16:, :64] > 0).all()  # every other block was written
     again = segment(cfg, client=clients[2], progress=False).run
     assert again.skipped == run.total - 1 and again.failed == 1 and again.completed == 0
+    assert open_volume(out).provenance["complete"] is False
+    with pytest.raises(BlockFailedError, match="is incomplete.*run the same segment command again"):
+        evaluate_semantic(out, raw_url)
 
 
 @pytest.mark.parametrize(
