@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,15 +162,56 @@ def export_checkpoint(
     (measure both with benchmarks/postprocess.py, e.g. for a run trained where its validation data was not);
     None keeps the source's. Neither changes the content hash, which covers config and weights.
     """
+    return average_checkpoints([source], target, median_size=median_size, threshold=threshold)
+
+
+def average_checkpoints(
+    sources: Sequence[str | Path],
+    target: str | Path,
+    median_size: int | None = None,
+    threshold: float | None = None,
+) -> str:
+    """Write the uniform average of the inference weights of `sources` (a "model soup", Wortsman et al. 2022),
+    small as `export_checkpoint` writes it, and return its content hash.
+
+    Meant for checkpoints of one network fine-tuned from the same start (weights of unrelated runs do not
+    average into a working network); every source must hold the same network config. Floating-point tensors,
+    batch-norm statistics included, are averaged; integer buffers come from the first source, as do the patch
+    shape, threshold and median size unless given. One source is a plain export (its step and metadata kept).
+    """
+    if not sources:
+        raise ValueError(f"no checkpoints to write into {target}: give at least one source")
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
-    payload = read_payload(source)
-    cfg = NetworkConfig.model_validate_json(payload["network_config"])
-    state = {k: v for k, v in payload["state_dict"].items() if not k.startswith(_TRAINING_ONLY)}
-    extra = {k: payload[k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payload}
+    payloads = [read_payload(source) for source in sources]
+    cfg = NetworkConfig.model_validate_json(payloads[0]["network_config"])
+    for source, payload in zip(sources[1:], payloads[1:], strict=True):
+        if NetworkConfig.model_validate_json(payload["network_config"]) != cfg:
+            raise ModelLoadError(
+                f"checkpoint {source} holds another network than {sources[0]}: only checkpoints of one network "
+                "config can be averaged"
+            )
+    first = payloads[0]["state_dict"]
+    state = {}
+    for key, value in first.items():
+        if key.startswith(_TRAINING_ONLY):
+            continue
+        if value.is_floating_point() and len(payloads) > 1:
+            value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
+        state[key] = value
+    extra = {k: payloads[0][k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payloads[0]}
     if median_size is not None:
         extra["median_size"] = median_size
     if threshold is not None:
         extra["threshold"] = threshold
-    extra["metadata"] = json.loads(payload.get("metadata", "{}"))
+    if len(payloads) == 1:
+        extra["metadata"] = json.loads(payloads[0].get("metadata", "{}"))
+    else:
+        extra.pop("step", None)
+        extra["metadata"] = {
+            "weight_average_of": [
+                {"path": str(source), "content_hash": p.get("content_hash")}
+                for source, p in zip(sources, payloads, strict=True)
+            ]
+        }
     return save_checkpoint(target, network_config=cfg, state_dict=state, **extra)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import LUCCHI
 
-from pipeline.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import average_checkpoints, export_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config.network import NetworkConfig
 from pipeline.errors import ModelLoadError
 from pipeline.model import build_network
@@ -56,6 +56,29 @@ def test_export_records_a_median_recommendation_that_later_exports_keep(tmp_path
     export_checkpoint(tmp_path / "m.pt", tmp_path / "again.pt")
     again = load_checkpoint(tmp_path / "again.pt")
     assert again.median_size == 7 and again.threshold == 0.4
+
+
+def test_average_is_the_mean_of_the_weights_and_names_its_sources(tmp_path: Path) -> None:
+    cfg = NetworkConfig(widths=[4, 8], out_channels=1, embedding_dim=8)
+    nets = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        nets.append(build_network(cfg))
+        save_checkpoint(tmp_path / f"{seed}.pt", network_config=cfg, state_dict=nets[-1].state_dict(), threshold=0.3)
+    sources = [tmp_path / f"{seed}.pt" for seed in (0, 1, 2)]
+    digest = average_checkpoints(sources, tmp_path / "soup.pt", median_size=7, threshold=0.4)
+    soup = load_checkpoint(tmp_path / "soup.pt")
+    assert soup.content_hash == digest and soup.threshold == 0.4 and soup.median_size == 7
+    assert [s["path"] for s in soup.metadata["weight_average_of"]] == [str(p) for p in sources]
+    for key, value in soup.network.state_dict().items():
+        parts = [n.state_dict()[key] for n in nets]
+        want = torch.stack([p.float() for p in parts]).mean(0) if value.is_floating_point() else parts[0]
+        torch.testing.assert_close(value, want.to(value.dtype), msg=key)
+    assert not torch.equal(soup.network.state_dict()["stem.0.weight"], nets[0].state_dict()["stem.0.weight"])
+    save_checkpoint(tmp_path / "other.pt", network_config=NetworkConfig(widths=[4, 16]), state_dict={})
+    with pytest.raises(ModelLoadError, match=r"other.pt holds another network"):
+        average_checkpoints([sources[0], tmp_path / "other.pt"], tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_export_records_a_threshold_tuned_elsewhere(tmp_path: Path) -> None:
