@@ -208,10 +208,12 @@ def average_checkpoints(
         extra["metadata"] = json.loads(payloads[0].get("metadata", "{}"))
     else:
         extra.pop("step", None)
+        splits = {json.loads(p.get("metadata", "{}")).get("split") for p in payloads}
         extra["metadata"] = {
+            "split": splits.pop() if len(splits) == 1 else None,  # the data split, when all sources share one
             "weight_average_of": [
                 {"path": str(source), "content_hash": p.get("content_hash")}
                 for source, p in zip(sources, payloads, strict=True)
-            ]
+            ],
         }
     return save_checkpoint(target, network_config=cfg, state_dict=state, **extra)
