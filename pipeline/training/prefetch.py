@@ -43,7 +43,7 @@ class BatchPrefetcher:
     """Batches for consecutive steps, made by `workers` forked processes up to `depth` steps ahead.
 
     With 0 workers the batch is made in-line when asked for. Workers inherit the sampler (its regions in
-    memory) through fork, before the training process touches a GPU.
+    memory) through fork and run numpy only: a CUDA context in the parent does not reach them.
     """
 
     def __init__(self, sampler: PatchSampler, seed: int, rank: int, batch_size: int, workers: int) -> None:
