@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from daisy import Roi
 
-from pipeline.errors import BlockFailedError, GeometryError
+from pipeline.errors import GeometryError
 from pipeline.plan import parse_roi, roi_key
 from pipeline.volumes.base import Volume
 
@@ -147,11 +147,7 @@ def evaluate_semantic(
     from pipeline.volumes import open_volume
 
     pred_vol, truth_vol = open_volume(prediction_url), open_volume(truth_url)
-    if isinstance(pred_vol.provenance, dict) and pred_vol.provenance.get("complete") is False:
-        raise BlockFailedError(
-            f"prediction {prediction_url} is incomplete: the segment run writing it has not written all its blocks "
-            "(it failed or still runs); run the same segment command again to finish it (done blocks are skipped)"
-        )
+    pred_vol.require_complete("evaluating it")
     if tuple(pred_vol.meta.shape) != tuple(truth_vol.meta.shape):
         raise GeometryError(
             f"prediction {prediction_url} has shape {tuple(pred_vol.meta.shape)} but truth {truth_url} has "

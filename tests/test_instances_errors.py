@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.config.instances import InstancesConfig
-from pipeline.errors import ConfigError, GeometryError, StorageError
+from pipeline.errors import BlockFailedError, ConfigError, GeometryError, StorageError
 from pipeline.instances.run import run_instances
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
@@ -52,6 +52,15 @@ def test_bad_jobs_fail_before_any_work(tmp_path, name, volume, settings, error, 
     cfg = InstancesConfig(**{"input": source, "output": str(tmp_path / "seg.zarr"), **settings})
     with pytest.raises(error, match=pattern):
         run_instances(cfg, NoClient(), progress=False)
+
+
+def test_a_partly_written_prediction_is_refused_before_any_work(tmp_path):
+    source = write(str(tmp_path / "probs.zarr"))
+    open_volume(source, mode="r+").set_provenance({"threshold": 0.5, "complete": False})
+    cfg = InstancesConfig(input=source, output=str(tmp_path / "seg.zarr"))
+    with pytest.raises(BlockFailedError, match="probs.zarr is incomplete.*before decoding instances"):
+        run_instances(cfg, NoClient(), progress=False)
+    assert not (tmp_path / "seg.zarr").exists()
 
 
 def test_missing_input_is_a_storage_error(tmp_path):

@@ -212,6 +212,7 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     if not config.input or not config.output:
         raise ConfigError("instances needs an input and an output: set them in the job file or pass --input/--output")
     source = open_volume(config.input)
+    source.require_complete("decoding instances from it")
     decode = resolve_decode(config.decode, source)
     meta = source.meta
     region = parse_roi(config.roi) if config.roi else meta.roi

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 from daisy import Roi
 
-from pipeline.errors import GeometryError, StorageError
+from pipeline.errors import BlockFailedError, GeometryError, StorageError
 from pipeline.volumes.url import VolumeURL
 
 Vec3 = tuple[int, int, int]
@@ -115,6 +115,14 @@ class Volume(ABC):
     @abstractmethod
     def set_provenance(self, record: dict[str, Any]) -> None:
         """Record how this volume was made (checkpoint, threshold, job)."""
+
+    def require_complete(self, use: str) -> None:
+        """Refuse to `use` a volume that a segment run recorded as partly written (it failed or still runs)."""
+        if isinstance(self.provenance, dict) and self.provenance.get("complete") is False:
+            raise BlockFailedError(
+                f"{self.url} is incomplete: the segment run writing it has not written all its blocks (it failed or "
+                f"still runs); run the same segment command again to finish it (done blocks are skipped) before {use}"
+            )
 
     @abstractmethod
     def _read(self, roi: Roi) -> np.ndarray: ...
