@@ -230,8 +230,6 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
     """Run the blocks, then add the viewing pyramid to each output when every block succeeded."""
     result = execute(run, client, plugin, progress)
     if result.run.ok:
-        from pipeline.volumes import open_volume
-
         for url in result.outputs:
             volume = open_volume(url, mode="r+")
             volume.set_provenance({**volume.provenance, "complete": True})
