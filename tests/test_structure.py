@@ -48,6 +48,7 @@ def config_models() -> dict[str, type]:
         "lucchi_finetune.yaml": TrainConfig,
         "lucchi_ema.yaml": TrainConfig,
         "lucchi_border.yaml": TrainConfig,
+        "lucchi_texture.yaml": TrainConfig,
         "lucchi_gpu.yaml": TrainConfig,
         "lucchi_gpu_ft.yaml": TrainConfig,
     }

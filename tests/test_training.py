@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LUCCHI
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config.train import TrainConfig
@@ -202,9 +203,6 @@ def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None
 def test_shipped_training_configs_validate(path: Path) -> None:
     cfg = load_train_config(path)
     assert cfg.data.volumes
-
-
-LUCCHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "lucchi" / "train.zarr"
 
 
 @pytest.mark.skipif(not LUCCHI.exists(), reason="Lucchi data absent (../shared/data/lucchi): a fresh clone")
