@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,20 +61,38 @@ def dask_client(
     kwargs: dict[str, Any] = {}
     if gpus:
         kwargs["resources"] = {"GPU": 1}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment(threads)}):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            memory_limit=memory_limit or "auto",
-            env={"MITOSEG_TORCH_THREADS": str(threads)},
-            **kwargs,
-        )
-    client = Client(cluster)
-    log.info("started a LocalCluster with %d worker(s), %d torch thread(s) each", workers, threads)
+    environ = worker_environment(threads)
+    # The nanny writes pre-spawn variables into this process's os.environ whenever it (re)starts a worker;
+    # put them back when the cluster is gone, so that the caller's later subprocesses do not inherit them.
+    with restored_environ(environ):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=memory_limit or "auto",
+                env={"MITOSEG_TORCH_THREADS": str(threads)},
+                **kwargs,
+            )
+        client = Client(cluster)
+        log.info("started a LocalCluster with %d worker(s), %d torch thread(s) each", workers, threads)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+
+
+@contextmanager
+def restored_environ(names: Iterable[str]) -> Iterator[None]:
+    """On exit, give the environment variables `names` back the values (or absence) they had on entry."""
+    before = {name: os.environ.get(name) for name in names}
     try:
-        yield client
+        yield
     finally:
-        client.close()
-        cluster.close()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
