@@ -291,6 +291,33 @@ def test_a_failing_fixup_is_reported_and_a_rerun_redoes_only_the_merge(client, t
     assert same_up_to_renumbering(labels, whole)
 
 
+def test_a_rerun_after_a_failed_relabel_reuses_the_stored_fixups(client, tmp_path, monkeypatch):
+    from pipeline.instances import tasks
+
+    centres = np.array([(6, 6, 6), (6, 10, 10), (10, 6, 10), (10, 10, 6)], np.float32) - 0.5
+    source = write_probs(str(tmp_path / "probs.zarr"), sphere_probabilities((16, 16, 16), centres, np.full(4, 4.5)))
+    whole, _ = run(client, tmp_path, source, (16, 16, 16), name="whole", decode={"min_size": 0})
+
+    def broken(self, block):
+        raise OSError("injected: the output store went away")
+
+    def decoded_again(*args, **kwargs):
+        raise AssertionError("the fix-up was decoded again although its labels were stored")
+
+    cfg = InstancesConfig(
+        input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 8, 8), decode={"min_size": 0}, viewing=False
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.RelabelTask, "__call__", broken)
+        failed = run_instances(cfg, client, progress=False)
+    assert failed.fixups == 1 and not failed.relabel.ok
+    monkeypatch.setattr(tasks, "decode_component", decoded_again)
+    resumed = run_instances(cfg, client, progress=False)
+    assert resumed.ok and resumed.fixups == 1
+    labels = open_volume(str(tmp_path / "seg.zarr")).read(open_volume(str(tmp_path / "seg.zarr")).meta.roi)[0]
+    assert same_up_to_renumbering(labels, whole)
+
+
 def test_watershed_measurements_equal_whole_volume_measurements(client, tmp_path):
     import pyarrow.csv as pcsv
 

@@ -256,7 +256,7 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
         return result
 
     clock = time.perf_counter()
-    merged = _merge(client, spec, plan, cfg.dtype, result)
+    merged = _merge(client, spec, plan, cfg.dtype, result, resume)
     if merged is None:  # a fix-up failed: listed in the result, nothing relabelled
         return result
     result.seconds["merge"] = time.perf_counter() - clock - result.seconds.get("fixup", 0.0)
@@ -286,7 +286,9 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     return result
 
 
-def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult) -> Merged | None:
+def _merge(
+    client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult, resume: bool
+) -> Merged | None:
     """Fix-ups on Dask, union-find on the client, final numbering, and one ID table per block for relabelling.
 
     None when a fix-up failed (listed in `result.fixup_failures`)."""
@@ -297,7 +299,7 @@ def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: In
     if decode.method == "watershed":
         fixups, fixed = plan_fixups(loaded.stats, loaded.components, loaded.links, loaded.touches, spec.stride)
     clock = time.perf_counter()
-    extra, result.fixup_failures = _run_fixups(client, spec, fixups)
+    extra, result.fixup_failures = _run_fixups(client, spec, fixups, resume)
     result.seconds["fixup"] = time.perf_counter() - clock
     result.fixups = len(fixups)
     if result.fixup_failures:
@@ -326,10 +328,12 @@ def _merge(client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: In
     return merged
 
 
-def _run_fixups(client: Any, spec: StageSpec, fixups: list[Fixup]) -> tuple[list[ObjectStats], list[BlockFailure]]:
-    """Decode every listed component as a whole on the Dask cluster: their objects' statistics in order, and
-    the fix-ups that failed after their retries (reported like failed blocks)."""
-    futures = client.map(FixupTask(spec), fixups, pure=False, retries=2)
+def _run_fixups(
+    client: Any, spec: StageSpec, fixups: list[Fixup], resume: bool
+) -> tuple[list[ObjectStats], list[BlockFailure]]:
+    """Decode every listed component as a whole on the Dask cluster (`resume`: reuse what an earlier run of the
+    job stored): their objects' statistics in order, and the fix-ups that failed after their retries."""
+    futures = client.map(FixupTask(spec, reuse=resume), fixups, pure=False, retries=2)
     stats, failures = [], []
     for fixup, future in zip(fixups, futures, strict=True):
         try:

@@ -8,6 +8,7 @@ face pairs) go to small files beside the output, so that a resumed run finds tho
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -65,6 +66,13 @@ class BlockFiles:
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         return self.get_many([name])[0]
+
+    def find(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of the named file, or None when it is missing or unreadable (e.g. cut short by a crash)."""
+        try:
+            return self.get(name)
+        except (StorageError, OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
 
     def get_many(self, names: list[str]) -> list[dict[str, np.ndarray]]:
         """The arrays of each named file, in order; a missing file is an error naming it."""
@@ -190,15 +198,23 @@ class FixupTask:
     """Decode one foreground component that crosses block borders with several seeds, as a whole.
 
     Stores the component's local labels over its bounding box for the relabel pass and returns the statistics
-    of its objects (local IDs 1..k).
+    of its objects (local IDs 1..k). With `reuse` (a resumed run whose decode and match passes were kept), labels
+    an earlier run stored for the component are measured again instead of decoded again.
     """
 
     spec: StageSpec
+    reuse: bool = False
 
     def __call__(self, fixup: Fixup) -> dict[str, np.ndarray]:
         spec, roi = self.spec, fixup.roi
-        probs = probabilities(spec.volume(spec.input_url).read(roi))
-        inside = np.isin(spec.volume(spec.scratch_url).read(roi)[0], fixup.members)
-        labels, k = decode_component(probs, inside, spec.decode)
-        BlockFiles(spec.files).put(f"fixup/{fixup.key}.npz", labels=labels, begin=np.array(roi.begin, np.int64))
+        files, name = BlockFiles(spec.files), f"fixup/{fixup.key}.npz"
+        stored = files.find(name) if self.reuse else None
+        if stored is not None:
+            labels = stored["labels"]
+        else:
+            probs = probabilities(spec.volume(spec.input_url).read(roi))
+            inside = np.isin(spec.volume(spec.scratch_url).read(roi)[0], fixup.members)
+            labels, _ = decode_component(probs, inside, spec.decode)
+            files.put(name, labels=labels, begin=np.array(roi.begin, np.int64))
+        k = int(labels.max(initial=0))  # watershed gives every seed component its own label 1..k
         return block_stats(labels, k, k, roi.begin).to_arrays()
