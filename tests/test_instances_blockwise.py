@@ -81,8 +81,12 @@ def run(client, tmp: Path, source: str, block, name: str | None = None, **settin
     )
     result = run_instances(cfg, client, progress=False)
     assert result.ok, result.failures
-    volume = open_volume(output)
-    return volume.read(volume.meta.roi)[0], result
+    return read_labels(output), result
+
+
+def read_labels(url: str) -> np.ndarray:
+    volume = open_volume(url)
+    return volume.read(volume.meta.roi)[0]
 
 
 def uint8_probs(probs: np.ndarray) -> np.ndarray:
@@ -262,21 +266,28 @@ def test_watershed_fixup_spans_a_block_corner(client, tmp_path):
         assert result.fixups == 1
 
 
-def test_a_failing_fixup_is_reported_and_a_rerun_redoes_only_the_merge(client, tmp_path, monkeypatch):
-    from pipeline.instances import tasks
-
+def corner_fixup_job(client, tmp_path: Path) -> tuple[InstancesConfig, np.ndarray]:
+    """Four touching spheres around the corner of eight 8^3 blocks (one fix-up): the job, and the labels of
+    whole-volume decoding to compare its output with."""
     centres = np.array([(6, 6, 6), (6, 10, 10), (10, 6, 10), (10, 10, 6)], np.float32) - 0.5
     source = write_probs(str(tmp_path / "probs.zarr"), sphere_probabilities((16, 16, 16), centres, np.full(4, 4.5)))
     whole, _ = run(client, tmp_path, source, (16, 16, 16), name="whole", decode={"min_size": 0})
+    cfg = InstancesConfig(
+        input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 8, 8), decode={"min_size": 0}, viewing=False
+    )
+    return cfg, whole
+
+
+def test_a_failing_fixup_is_reported_and_a_rerun_redoes_only_the_merge(client, tmp_path, monkeypatch):
+    from pipeline.instances import tasks
+
+    cfg, whole = corner_fixup_job(client, tmp_path)
 
     def broken(self, fixup):
         raise MemoryError("injected: the component's box does not fit")
 
     original = tasks.FixupTask.__call__
     monkeypatch.setattr(tasks.FixupTask, "__call__", broken)
-    cfg = InstancesConfig(
-        input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 8, 8), decode={"min_size": 0}, viewing=False
-    )
     failed = run_instances(cfg, client, progress=False)
     assert not failed.ok and failed.relabel is None and failed.match.ok
     [failure] = failed.failures
@@ -287,16 +298,13 @@ def test_a_failing_fixup_is_reported_and_a_rerun_redoes_only_the_merge(client, t
     assert (
         resumed.ok and resumed.decode.skipped == resumed.decode.total and resumed.match.skipped == resumed.match.total
     )
-    labels = open_volume(str(tmp_path / "seg.zarr")).read(open_volume(str(tmp_path / "seg.zarr")).meta.roi)[0]
-    assert same_up_to_renumbering(labels, whole)
+    assert same_up_to_renumbering(read_labels(cfg.output), whole)
 
 
 def test_a_rerun_after_a_failed_relabel_reuses_the_stored_fixups(client, tmp_path, monkeypatch):
     from pipeline.instances import tasks
 
-    centres = np.array([(6, 6, 6), (6, 10, 10), (10, 6, 10), (10, 10, 6)], np.float32) - 0.5
-    source = write_probs(str(tmp_path / "probs.zarr"), sphere_probabilities((16, 16, 16), centres, np.full(4, 4.5)))
-    whole, _ = run(client, tmp_path, source, (16, 16, 16), name="whole", decode={"min_size": 0})
+    cfg, whole = corner_fixup_job(client, tmp_path)
 
     def broken(self, block):
         raise OSError("injected: the output store went away")
@@ -304,9 +312,6 @@ def test_a_rerun_after_a_failed_relabel_reuses_the_stored_fixups(client, tmp_pat
     def decoded_again(*args, **kwargs):
         raise AssertionError("the fix-up was decoded again although its labels were stored")
 
-    cfg = InstancesConfig(
-        input=source, output=str(tmp_path / "seg.zarr"), block_size=(8, 8, 8), decode={"min_size": 0}, viewing=False
-    )
     with monkeypatch.context() as patch:
         patch.setattr(tasks.RelabelTask, "__call__", broken)
         failed = run_instances(cfg, client, progress=False)
@@ -314,8 +319,7 @@ def test_a_rerun_after_a_failed_relabel_reuses_the_stored_fixups(client, tmp_pat
     monkeypatch.setattr(tasks, "decode_component", decoded_again)
     resumed = run_instances(cfg, client, progress=False)
     assert resumed.ok and resumed.fixups == 1
-    labels = open_volume(str(tmp_path / "seg.zarr")).read(open_volume(str(tmp_path / "seg.zarr")).meta.roi)[0]
-    assert same_up_to_renumbering(labels, whole)
+    assert same_up_to_renumbering(read_labels(cfg.output), whole)
 
 
 def test_watershed_measurements_equal_whole_volume_measurements(client, tmp_path):
