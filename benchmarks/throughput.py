@@ -91,7 +91,6 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
         workers=args.workers,
         pyramid=False,
         resume=False,
-        tta="none",  # one pass per patch, as the bare network below
     )
     del raw
     with dask_client(workers=args.workers) as client:

@@ -12,14 +12,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from pipeline.config.network import NetworkConfig
 from pipeline.errors import ModelLoadError
-from pipeline.tta import TTAMode
 
 FORMAT = "mitoseg-checkpoint"
 VERSION = 1
@@ -47,8 +46,7 @@ def save_checkpoint(
     """Write a checkpoint atomically and return its content hash.
 
     Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `median_size` (odd int, 0 = none: the
-    median filter `segment` applies by default), `tta` (the test-time augmentation `segment` applies by default:
-    none, yx or zyx), `metadata` (JSON-able dict with the
+    median filter `segment` applies by default), `metadata` (JSON-able dict with the
     training config, step and scores), and for resuming `optimizer`, `scheduler`, `step`, `rng`.
     """
     path = Path(path)
@@ -82,7 +80,6 @@ class LoadedCheckpoint:
     patch_shape: tuple[int, int, int]
     metadata: dict[str, Any]
     median_size: int = 0
-    tta: TTAMode = "none"
     payload: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -140,12 +137,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     median = payload.get("median_size", 0)
     if not isinstance(median, int) or median < 0 or (median and median % 2 == 0):
         raise ModelLoadError(f"checkpoint {path} recommends median size {median!r}, not 0 or odd; export it again")
-    tta = payload.get("tta", "none")
-    if tta not in get_args(TTAMode):
-        raise ModelLoadError(
-            f"checkpoint {path} recommends test-time augmentation {tta!r}, not one of {get_args(TTAMode)}; "
-            "export it again"
-        )
     try:
         metadata = json.loads(payload.get("metadata", "{}"))
     except (TypeError, json.JSONDecodeError) as err:
@@ -158,26 +149,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         patch_shape=patch,  # type: ignore[arg-type]
         metadata=metadata,
         median_size=median,
-        tta=tta,
         payload=payload,
     )
 
 
 def export_checkpoint(
-    source: str | Path,
-    target: str | Path,
-    median_size: int | None = None,
-    threshold: float | None = None,
-    tta: TTAMode | None = None,
+    source: str | Path, target: str | Path, median_size: int | None = None, threshold: float | None = None
 ) -> str:
     """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
 
-    `median_size` records the median filter `segment` applies by default, `tta` its default test-time
-    augmentation and `threshold` the decision threshold (measure them with benchmarks/postprocess.py, e.g. for a
-    run trained where its validation data was not); None keeps the source's. None of them changes the content
-    hash, which covers config and weights.
+    `median_size` records the median filter `segment` applies by default and `threshold` the decision threshold
+    (measure both with benchmarks/postprocess.py, e.g. for a run trained where its validation data was not);
+    None keeps the source's. Neither changes the content hash, which covers config and weights.
     """
-    return average_checkpoints([source], target, median_size=median_size, threshold=threshold, tta=tta)
+    return average_checkpoints([source], target, median_size=median_size, threshold=threshold)
 
 
 def average_checkpoints(
@@ -185,7 +170,6 @@ def average_checkpoints(
     target: str | Path,
     median_size: int | None = None,
     threshold: float | None = None,
-    tta: TTAMode | None = None,
 ) -> str:
     """Write the uniform average of the inference weights of `sources` (a "model soup", Wortsman et al. 2022),
     small as `export_checkpoint` writes it, and return its content hash.
@@ -193,15 +177,12 @@ def average_checkpoints(
     Meant for checkpoints of one network fine-tuned from the same start (weights of unrelated runs do not
     average into a working network); every source must hold the same network config. Floating-point tensors,
     batch-norm statistics included, are averaged; integer buffers come from the first source, as do the patch
-    shape, threshold, median size and test-time augmentation unless given. One source is a plain export (its
-    step and metadata kept).
+    shape, threshold and median size unless given. One source is a plain export (its step and metadata kept).
     """
     if not sources:
         raise ValueError(f"no checkpoints to write into {target}: give at least one source")
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
-    if tta is not None and tta not in get_args(TTAMode):
-        raise ValueError(f"test-time augmentation {tta!r} for {target}: give one of {get_args(TTAMode)}")
     payloads = [read_payload(source) for source in sources]
     cfg = NetworkConfig.model_validate_json(payloads[0]["network_config"])
     for source, payload in zip(sources[1:], payloads[1:], strict=True):
@@ -218,10 +199,11 @@ def average_checkpoints(
         if value.is_floating_point() and len(payloads) > 1:
             value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
         state[key] = value
-    recorded = ("threshold", "patch_shape", "median_size", "tta", "step")
-    extra = {k: payloads[0][k] for k in recorded if k in payloads[0]}
-    given = {"median_size": median_size, "threshold": threshold, "tta": tta}
-    extra.update({k: v for k, v in given.items() if v is not None})
+    extra = {k: payloads[0][k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payloads[0]}
+    if median_size is not None:
+        extra["median_size"] = median_size
+    if threshold is not None:
+        extra["threshold"] = threshold
     if len(payloads) == 1:
         extra["metadata"] = json.loads(payloads[0].get("metadata", "{}"))
     else:

@@ -19,7 +19,6 @@ from pipeline.execution import RunResult, run_blockwise
 from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
 from pipeline.resume import DoneMarkers, job_key
 from pipeline.stitching import PatchGrid
-from pipeline.tta import TTAMode
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, volume_exists
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ class NetworkInfo:
     size_divisor: tuple[int, int, int]
     threshold: float
     median_size: int
-    tta: TTAMode
 
 
 @dataclass
@@ -75,7 +73,6 @@ def network_info(checkpoint: str) -> NetworkInfo:
         size_divisor=tuple(int(d) for d in loaded.network.size_divisor),  # type: ignore[arg-type]
         threshold=float(loaded.threshold),
         median_size=loaded.median_size,
-        tta=loaded.tta,
     )
 
 
@@ -126,7 +123,6 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         raise ConfigError(f"patch_shape {patch} must be divisible by the network's size divisor {net.size_divisor}")
     grid = PatchGrid.with_overlap(patch, net.context, config.overlap)  # type: ignore[arg-type]
     median = net.median_size if config.median_size is None else config.median_size
-    tta = net.tta if config.tta is None else config.tta
     roi = parse_roi(config.roi) if config.roi else source.meta.roi
     out_meta = source.meta.derive(
         dtype=np.dtype(config.output_dtype),
@@ -154,7 +150,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         network=net.content_hash,
         dtype=config.output_dtype,
         blending=config.blending,
-        tta=tta,
+        tta=config.tta,
         median_size=median,
         outputs=outputs,
     )
@@ -169,7 +165,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "threshold": net.threshold,
         "channels": ["mitochondrion", "contour"][: net.out_channels],
         "output_dtype": config.output_dtype,
-        "tta": tta,
+        "tta": config.tta,
         "median_size": median,
         "roi": roi_key(roi),
         "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
@@ -183,7 +179,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         grid=grid,
         output_dtype=config.output_dtype,
         blending=config.blending,
-        tta=tta,
+        tta=config.tta,
         median_size=median,
     )
     return SegmentRun(config, plan, job, done, outputs)

@@ -42,24 +42,20 @@ def test_round_trip_rebuilds_the_same_network(tmp_path: Path) -> None:
 def test_defaults_and_export_keep_the_hash(tmp_path: Path) -> None:
     _, digest = _save(tmp_path / "c.pt", optimizer={"state": {}})
     loaded = load_checkpoint(tmp_path / "c.pt")
-    assert loaded.threshold == 0.5 and loaded.metadata == {} and loaded.median_size == 0 and loaded.tta == "none"
+    assert loaded.threshold == 0.5 and loaded.metadata == {} and loaded.median_size == 0
     assert export_checkpoint(tmp_path / "c.pt", tmp_path / "small.pt") == digest
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     assert "optimizer" not in small and not any(k.startswith("projection.") for k in small["state_dict"])
     assert load_checkpoint(tmp_path / "small.pt").content_hash == digest
 
 
-def test_export_records_recommendations_that_later_exports_keep(tmp_path: Path) -> None:
+def test_export_records_a_median_recommendation_that_later_exports_keep(tmp_path: Path) -> None:
     _, digest = _save(tmp_path / "c.pt", threshold=0.4)
-    assert export_checkpoint(tmp_path / "c.pt", tmp_path / "m.pt", median_size=7, tta="yx") == digest
-    loaded = load_checkpoint(tmp_path / "m.pt")
-    assert loaded.median_size == 7 and loaded.tta == "yx"
+    assert export_checkpoint(tmp_path / "c.pt", tmp_path / "m.pt", median_size=7) == digest
+    assert load_checkpoint(tmp_path / "m.pt").median_size == 7
     export_checkpoint(tmp_path / "m.pt", tmp_path / "again.pt")
     again = load_checkpoint(tmp_path / "again.pt")
-    assert again.median_size == 7 and again.threshold == 0.4 and again.tta == "yx"
-    with pytest.raises(ValueError, match="test-time augmentation 'xy'"):
-        export_checkpoint(tmp_path / "c.pt", tmp_path / "bad.pt", tta="xy")  # type: ignore[arg-type]
-    assert not (tmp_path / "bad.pt").exists()
+    assert again.median_size == 7 and again.threshold == 0.4
 
 
 def test_average_is_the_mean_of_the_weights_and_names_its_sources(tmp_path: Path) -> None:
@@ -103,7 +99,6 @@ def test_export_records_a_threshold_tuned_elsewhere(tmp_path: Path) -> None:
         ("tampered", "corrupt"),
         ("bad_patch", "not divisible"),
         ("even_median", "median size 4, not 0 or odd"),
-        ("bad_tta", "test-time augmentation 'flip'"),
     ],
 )
 def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage: str, pattern: str) -> None:
@@ -121,8 +116,6 @@ def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage
         _save(path, patch_shape=[8, 31, 31])
     elif damage == "even_median":
         _save(path, median_size=4)
-    elif damage == "bad_tta":
-        _save(path, tta="flip")
     with pytest.raises(ModelLoadError, match=pattern) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)

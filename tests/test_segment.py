@@ -279,22 +279,19 @@ def test_median_filter_stays_seam_free_and_is_its_own_job(clients, raw_url, tiny
     assert plain.run.completed == 1 and whole.job_key != plain.job_key
 
 
-@pytest.mark.parametrize(("field", "value", "off"), [("median_size", 5, 0), ("tta", "yx", "none")])
-def test_the_checkpoints_recommendation_is_the_default_and_can_be_turned_off(
-    clients, raw_url, tiny_checkpoint, tmp_path, field, value, off
-):
+def test_the_checkpoints_median_is_the_default_and_zero_turns_it_off(clients, raw_url, tiny_checkpoint, tmp_path):
     from pipeline.checkpoint import export_checkpoint
 
-    recommending = tmp_path / "recommending.pt"
-    export_checkpoint(tiny_checkpoint, recommending, **{field: value})
-    runs = {"default": (recommending, None), "explicit": (tiny_checkpoint, value), "off": (recommending, off)}
+    recommending = tmp_path / "median.pt"
+    export_checkpoint(tiny_checkpoint, recommending, median_size=5)
+    runs = {"default": (recommending, None), "explicit": (tiny_checkpoint, 5), "off": (recommending, 0)}
     out = {name: f"zarr://file://{tmp_path}/{name}.zarr/probs" for name in runs}
-    for name, (ckpt, setting) in runs.items():
-        cfg = config(raw_url, out[name], ckpt, block_size=(32, 96, 96), **{field: setting})
+    for name, (ckpt, median) in runs.items():
+        cfg = config(raw_url, out[name], ckpt, block_size=(32, 96, 96), median_size=median)
         assert segment(cfg, client=clients[1], progress=False).run.ok
-    assert open_volume(out["default"]).provenance[field] == value
+    assert open_volume(out["default"]).provenance["median_size"] == 5
     np.testing.assert_array_equal(read_all(out["default"]), read_all(out["explicit"]))
-    assert open_volume(out["off"]).provenance[field] == off
+    assert open_volume(out["off"]).provenance["median_size"] == 0
     assert np.abs(read_all(out["off"]).astype(int) - read_all(out["default"]).astype(int)).max() > 1
 
 

@@ -43,10 +43,8 @@ class SegmentConfig(BaseModel):
     patch_shape: Vec3 | None = Field(None, description="Network input patch (z, y, x); the checkpoint's when absent.")
     overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Fraction by which neighbouring output tiles overlap.")
     blending: Literal["gaussian", "bump", "constant"] = Field("gaussian", description="Weights across a tile.")
-    tta: TTAMode | None = Field(
-        None,
-        description="Test-time augmentation: none; yx averages 8 in-plane flips/swaps, zyx 16 (as many passes, so "
-        "as many times slower). None = the checkpoint's recommendation (none unless the checkpoint records one).",
+    tta: TTAMode = Field(
+        "none", description="Test-time augmentation: yx averages 8 in-plane flips/swaps, zyx 16; as many passes."
     )
     median_size: int | None = Field(
         None,

@@ -104,18 +104,17 @@ def score_checkpoint(
     label: np.ndarray,
     overlap: float = 0.25,
     threshold: float | None = None,
-    tta: TTAMode | None = None,
+    tta: TTAMode = "none",
     median_size: int | None = None,
 ) -> dict[str, float]:
     """Scores of a checkpoint on a (raw, label) volume, predicted as `segment` runs it: its recommended patch
-    shape, Gaussian blending, test-time augmentation `tta` and a `median_size` median filter (each the
-    checkpoint's recommendation unless given) and its threshold unless given."""
+    shape, Gaussian blending, test-time augmentation `tta`, a `median_size` median filter (the checkpoint's
+    recommendation unless given) and its threshold unless given."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.smoothing import median_filter
 
     loaded = load_checkpoint(path)
-    views = loaded.tta if tta is None else tta
-    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=views)
+    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=tta)
     prob = median_filter(prob, loaded.median_size if median_size is None else median_size)
     cut = loaded.threshold if threshold is None else threshold
     return {**count(prob[0] >= cut, label > 0).scores(), "threshold": cut}
