@@ -8,6 +8,9 @@
 #   run.sh train MINUTES    unpack part b, then configs/lucchi_gpu.yaml and configs/lucchi_gpu_ft.yaml side by
 #                           side for MINUTES (no validation there: the held-out slab stays behind), and the
 #                           last checkpoint and last two snapshots of each, exported small, into $OUT
+#   run.sh finetune MINUTES unpack part b (the validation slab with it), then configs/lucchi_gpu_soup_{a,b,c}.yaml
+#                           side by side for MINUTES, each validated on the GPU, and each run's best checkpoint,
+#                           exported small, into $OUT (to be averaged with models/lucchi.pt where it is scored)
 set -uo pipefail
 OUT=${OUT:-/tmp/mitoseg-out}
 mkdir -p "$OUT"
@@ -72,8 +75,32 @@ EOF
     tar czf "$OUT/logs.tgz" runs_*.log runs/lucchi_gpu*/train.csv runs/lucchi_gpu*/config.json
 }
 
+finetune() {
+    local minutes=$1
+    unpack b
+    for v in a b c; do
+        timeout $((minutes * 60 + 120)) python3 -m pipeline train configs/lucchi_gpu_soup_$v.yaml \
+            --time-budget "$minutes" > "runs_soup_$v.log" 2>&1 &
+    done
+    wait
+    grep -h -i "validation\|error" runs_soup_*.log | tail -n 30
+    python3 - "$OUT" <<'EOF'
+import sys
+from pathlib import Path
+from pipeline.checkpoint import export_checkpoint
+for v in "abc":
+    path = Path(f"runs/lucchi_gpu_soup_{v}/best.pt")
+    if path.exists():
+        target = Path(sys.argv[1]) / f"lucchi_gpu_soup_{v}_best.pt"
+        export_checkpoint(path, target)
+        print("exported", target, target.stat().st_size)
+EOF
+    tar czf "$OUT/logs.tgz" runs_soup_*.log runs/lucchi_gpu_soup_*/*.csv
+}
+
 case "${1:-}" in
     check) check 2>&1 | tee "$OUT/check.log" ;;
     train) train "${2:?give the training minutes}" 2>&1 | tee "$OUT/train.log" ;;
-    *) echo "usage: run.sh check | train MINUTES" >&2; exit 2 ;;
+    finetune) finetune "${2:?give the training minutes}" 2>&1 | tee "$OUT/finetune.log" ;;
+    *) echo "usage: run.sh check | train MINUTES | finetune MINUTES" >&2; exit 2 ;;
 esac
