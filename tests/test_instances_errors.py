@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def write(url: str, shape=(8, 16, 16), channels: int = 1, dtype=np.uint8, layer: str = "image") -> str:
     meta = VolumeMeta(shape=shape, dtype=np.dtype(dtype), chunks=(4, 8, 8), num_channels=channels, layer_type=layer)
     data = np.zeros((channels, *shape), dtype)
-    data[0, 2:6, 4:12, 4:12] = 200 if dtype == np.uint8 else 1
+    data[0, 2:6, 4:12, 4:12] = 230 if dtype == np.uint8 else 1  # above the seed threshold 0.85
     create_volume(url, meta).write(meta.roi, data)
     return url
 

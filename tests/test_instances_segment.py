@@ -30,7 +30,10 @@ def test_instances_of_a_segment_output(tmp_path, tiny_checkpoint):
         threshold = source.provenance["threshold"]
         mask = source.read(source.meta.roi)[0].astype(np.float32) / np.float32(255) > threshold
         cfg = InstancesConfig(
-            input=probs, output=f"{tmp_path}/instances.zarr", block_size=(8, 16, 32), decode={"min_size": 0}
+            input=probs,
+            output=f"{tmp_path}/instances.zarr",
+            block_size=(8, 16, 32),
+            decode={"min_size": 0, "seed_threshold": 0.0},  # every component, as the oracle below
         )
         result = run_instances(cfg, client, progress=False)
     assert result.ok and result.decode.total == 12

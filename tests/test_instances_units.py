@@ -110,13 +110,21 @@ def test_components_decode_equals_cc3d_on_uint8_and_float():
     rng = np.random.default_rng(1)
     probs = rng.random((1, 6, 7, 8)).astype(np.float32)
     for connectivity in (6, 26):
-        cfg = DecodeConfig(method="components", threshold=0.6, connectivity=connectivity)
+        cfg = DecodeConfig(method="components", threshold=0.6, seed_threshold=0.0, connectivity=connectivity)
         decoded = decode_block(probs, cfg)
         assert decoded.num_seeded == decoded.num_labels == decoded.labels.max()
         assert np.array_equal(decoded.labels, cc3d.connected_components(probs[0] > 0.6, connectivity=connectivity))
     as_uint8 = np.round(probs * 255).astype(np.uint8)
     decoded = decode_block(as_uint8, DecodeConfig(method="components", threshold=0.6))
     assert np.array_equal(decoded.labels > 0, as_uint8[0] / np.float32(255) > 0.6)
+
+
+def test_components_decode_numbers_seeded_components_first():
+    mask = np.array([0.9, 0.6, 0.0, 0.6, 0.7, 0.0, 0.95, 0.0, 0.55], np.float32).reshape(1, 1, 1, 9)
+    decoded = decode_block(mask, DecodeConfig(method="components", threshold=0.5, seed_threshold=0.85))
+    # components {0, 1} and {6} hold a voxel > 0.85; {3, 4} and {8} do not and follow them
+    assert decoded.num_labels == 4 and decoded.num_seeded == 2
+    assert decoded.labels[0, 0].tolist() == [1, 1, 0, 3, 3, 0, 2, 0, 4]
 
 
 def test_watershed_decode_labels_orphans_after_seeds():

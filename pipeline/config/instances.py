@@ -26,7 +26,13 @@ class DecodeConfig(BaseModel):
         description="Components: foreground = mask probability > threshold; None = the input's recorded "
         "threshold, else 0.5.",
     )
-    seed_threshold: float = Field(0.85, ge=0, le=1, description="Watershed t1: seeds need mask probability > t1.")
+    seed_threshold: float = Field(
+        0.85,
+        ge=0,
+        le=1,
+        description="t1: seeds need mask probability > t1. Watershed floods from seeds; components keep only "
+        "objects that hold a seed voxel somewhere (hysteresis), which drops faint blobs; 0 keeps every component.",
+    )
     contour_threshold: float = Field(0.6, ge=0, le=1, description="Watershed t2: seeds need contour probability < t2.")
     foreground_threshold: float = Field(
         0.8, ge=0, le=1, description="Watershed t3: foreground = mask probability > t3 (seeds lie inside it)."

@@ -2,7 +2,9 @@
 
 Labels are local (1..n, 0 = background). For watershed, labels 1..n_seeded are the regions flooded from the
 block's seeds and n_seeded+1..n are foreground pieces that no seed of the block reached ("orphans"); the
-merge step attaches those to a seeded object of a neighbouring block, or drops them.
+merge step attaches those to a seeded object of a neighbouring block, or drops them. For connected components,
+labels 1..n_seeded are the components holding a voxel with mask > t1 and the rest follow; the merge keeps a
+component when any of its pieces is seeded (hysteresis thresholding: t1 high, the threshold low).
 
 Watershed floods on the inverted mask inside the foreground, with ties between equal mask probabilities (common
 after uint8 storage) broken by raster order: the flooding priority of a voxel is its rank in the order (mask
@@ -76,7 +78,7 @@ def decode_block(raw: np.ndarray, cfg: DecodeConfig) -> Decoded:
     foreground = foreground_mask(probs, cfg)
     if cfg.method == "components":
         labels, n = cc3d.connected_components(foreground, connectivity=cfg.connectivity, return_N=True)
-        return Decoded(labels, int(n), int(n))
+        return seeded_first(labels, int(n), probs[0] > cfg.seed_threshold)
     if cfg.method != "watershed":
         raise ConfigError(f"decode method {cfg.method!r} must be resolved to 'watershed' or 'components' first")
     from scipy import ndimage
@@ -108,6 +110,22 @@ def decode_block(raw: np.ndarray, cfg: DecodeConfig) -> Decoded:
         next_label += k
     components.append(orphans)
     return Decoded(labels, n_seeded + len(orphans), n_seeded, np.concatenate(components).astype(np.int64))
+
+
+def seeded_first(labels: np.ndarray, n: int, seeds: np.ndarray) -> Decoded:
+    """Components numbered so that those holding a seed voxel come first (1..n_seeded), then the rest.
+
+    The merge keeps an object when any of its pieces, in any block, is seeded: hysteresis thresholding over the
+    whole volume, which drops faint blobs that never reach the seed threshold.
+    """
+    seeded = np.zeros(n + 1, bool)
+    seeded[labels[seeds]] = True
+    seeded[0] = False
+    n_seeded = int(seeded.sum())
+    table = np.zeros(n + 1, labels.dtype)
+    table[seeded] = np.arange(1, n_seeded + 1, dtype=labels.dtype)
+    table[1:][~seeded[1:]] = np.arange(n_seeded + 1, n + 1, dtype=labels.dtype)
+    return Decoded(table[labels], n, n_seeded)
 
 
 def decode_component(probs: np.ndarray, inside: np.ndarray, cfg: DecodeConfig) -> tuple[np.ndarray, int]:
