@@ -2,7 +2,7 @@
 # What a lent GPU machine runs for mitoseg: a bare image with PyTorch and CUDA, no network, only this repository.
 # The repository travels with .whl/ (wheels of the dependencies the image lacks: pydantic, zarr, numcodecs,
 # daisy, dask, distributed, ...) and .gpu/<part> (z-slabs of the Lucchi volume made by pack_volume.py), both
-# ignored by git. Results go to $OUT. Stages:
+# ignored by git and made on the development machine by benchmarks/device/kit.sh. Results go to $OUT. Stages:
 #   run.sh check            environment, unpack part a, the GPU tests, `segment` + `evaluate` on the GPU,
 #                           the training-speed table (benchmarks/train_speed.py)
 #   run.sh train MINUTES    unpack part b, then configs/lucchi_gpu.yaml and configs/lucchi_gpu_ft.yaml side by
