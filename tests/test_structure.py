@@ -51,6 +51,9 @@ def config_models() -> dict[str, type]:
         "lucchi_texture.yaml": TrainConfig,
         "lucchi_gpu.yaml": TrainConfig,
         "lucchi_gpu_ft.yaml": TrainConfig,
+        "lucchi_gpu_soup_a.yaml": TrainConfig,
+        "lucchi_gpu_soup_b.yaml": TrainConfig,
+        "lucchi_gpu_soup_c.yaml": TrainConfig,
     }
     try:
         from pipeline.config.instances import InstancesConfig
