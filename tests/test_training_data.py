@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,18 @@ def test_worker_processes_make_the_same_batches_as_in_line_even_after_a_jump() -
         np.testing.assert_array_equal(got[2], want[2], err_msg=f"label of step {step}")
     assert len({b[0] for b in expected}) == len(steps)  # each step has its own generator seed
     assert prefetcher.pool is None
+
+
+def test_closing_while_workers_hand_over_large_batches_does_not_hang() -> None:
+    """Terminating a pool while a worker writes a batch larger than the pipe's buffer deadlocked (1 in 6 here)."""
+    sampler = _sampler(0.25, foreground=0.5)
+
+    def make_one_and_close() -> None:
+        with BatchPrefetcher(sampler, 7, 1, 16, workers=2) as prefetcher:  # 16 patches: 0.5 MB per batch
+            prefetcher.batch(0)
+
+    for _ in range(15):
+        thread = threading.Thread(target=make_one_and_close, daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "closing the prefetcher hung"

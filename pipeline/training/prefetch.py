@@ -8,6 +8,7 @@ the augmentation of a batch takes longer than the step itself; the workers hide 
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections import deque
 from multiprocessing.pool import AsyncResult
 
@@ -55,13 +56,14 @@ class BatchPrefetcher:
             else None
         )
         self.pending: deque[tuple[int, AsyncResult]] = deque()
+        self.dropped: list[AsyncResult] = []  # made ahead for steps a jump skipped; collected at close
 
     def batch(self, step: int) -> Batch:
         """The batch of `step`; steps are expected in increasing order (a jump drops what was made ahead)."""
         if self.pool is None:
             return step_batch(self.sampler, self.seed, self.rank, step, self.batch_size)
         while self.pending and self.pending[0][0] != step:
-            self.pending.popleft()
+            self.dropped.append(self.pending.popleft()[1])
         next_step = self.pending[-1][0] + 1 if self.pending else step
         while len(self.pending) < self.depth:
             args = (self.seed, self.rank, next_step, self.batch_size)
@@ -69,12 +71,26 @@ class BatchPrefetcher:
             next_step += 1
         return self.pending.popleft()[1].get()
 
-    def close(self) -> None:
-        """Stop the workers (batches made ahead are dropped)."""
-        if self.pool is not None:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the workers once each has handed over the batch it was making (batches made ahead are dropped).
+
+        Terminating a pool while a worker is still writing a batch larger than the pipe's buffer deadlocks:
+        the pool stops reading results and the worker never lets go of the result pipe's lock. So every batch
+        asked for is collected first, then the idle workers are told to exit; `terminate` only when a batch
+        does not come within `timeout_s` (a worker that died).
+        """
+        if self.pool is None:
+            return
+        outstanding = [*self.dropped, *(result for _, result in self.pending)]
+        deadline = time.monotonic() + timeout_s
+        for result in outstanding:
+            result.wait(max(0.0, deadline - time.monotonic()))
+        if all(result.ready() for result in outstanding):
+            self.pool.close()
+        else:
             self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        self.pool.join()
+        self.pool, self.pending, self.dropped = None, deque(), []
 
     def __enter__(self) -> BatchPrefetcher:
         return self
