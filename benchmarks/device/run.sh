@@ -24,6 +24,20 @@ export PYTHONPATH=$SITE:$PWD
 DATA=../shared/data/lucchi/train.zarr
 unpack() { python3 benchmarks/device/pack_volume.py unpack ".gpu/$1" $DATA && echo "unpacked part $1 into $DATA"; }
 
+# Export the checkpoints named (those that exist) small into $OUT as <run folder>_<name>.pt.
+export_small() {
+    python3 - "$OUT" "$@" <<'EOF'
+import sys
+from pathlib import Path
+from pipeline.checkpoint import export_checkpoint
+for path in map(Path, sys.argv[2:]):
+    if path.exists():
+        target = Path(sys.argv[1]) / f"{path.parent.name}_{path.stem}.pt"
+        export_checkpoint(path, target)
+        print("exported", target, target.stat().st_size)
+EOF
+}
+
 check() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -58,20 +72,10 @@ EOF
     done
     wait
     tail -n 3 runs_*.log
-    python3 - "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-from pipeline.checkpoint import export_checkpoint
-out = Path(sys.argv[1])
-for name in ("lucchi_gpu", "lucchi_gpu_ft"):
-    run = Path("runs") / name
-    picks = sorted(run.glob("step_*.pt"))[-2:] + [run / "last.pt"]
-    for path in picks:
-        if path.exists():
-            target = out / f"{name}_{path.stem}.pt"
-            export_checkpoint(path, target)
-            print("exported", target, target.stat().st_size)
-EOF
+    for name in lucchi_gpu lucchi_gpu_ft; do
+        # shellcheck disable=SC2012
+        export_small $(ls runs/$name/step_*.pt 2>/dev/null | tail -n 2) runs/$name/last.pt
+    done
     tar czf "$OUT/logs.tgz" runs_*.log runs/lucchi_gpu*/train.csv runs/lucchi_gpu*/config.json
 }
 
@@ -84,17 +88,7 @@ finetune() {
     done
     wait
     grep -h -i "validation\|error" runs_soup_*.log | tail -n 30
-    python3 - "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-from pipeline.checkpoint import export_checkpoint
-for v in "abc":
-    path = Path(f"runs/lucchi_gpu_soup_{v}/best.pt")
-    if path.exists():
-        target = Path(sys.argv[1]) / f"lucchi_gpu_soup_{v}_best.pt"
-        export_checkpoint(path, target)
-        print("exported", target, target.stat().st_size)
-EOF
+    export_small runs/lucchi_gpu_soup_{a,b,c}/best.pt
     tar czf "$OUT/logs.tgz" runs_soup_*.log runs/lucchi_gpu_soup_*/*.csv
 }
 
