@@ -54,6 +54,7 @@ def config_models() -> dict[str, type]:
         "lucchi_gpu_soup_a.yaml": TrainConfig,
         "lucchi_gpu_soup_b.yaml": TrainConfig,
         "lucchi_gpu_soup_c.yaml": TrainConfig,
+        "lucchi_cpu_soup.yaml": TrainConfig,
     }
     try:
         from pipeline.config.instances import InstancesConfig
