@@ -3,7 +3,8 @@
 # there, 64 MiB per call): .whl/ with wheels (Python 3.12, the image's) of the packages training needs that its
 # image lacks, and .gpu/a, .gpu/b with the Lucchi volume in two xz parts. Both folders are kept out of git.
 #   bash benchmarks/device/kit.sh        then, on the device: call 1 carry [".whl", ".gpu/a"] `run.sh check`
-#                                        (or just install and unpack a), call 2 carry [".gpu/b"] `run.sh finetune 7`
+#                                        (or just install and unpack a), call 2 carry [".gpu/b"] `run.sh finetune 7`;
+#                                        or one call carry [".whl", ".gpu/val", checkpoints] `run.sh score CKPT...`
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for path in /.whl/ /.gpu/; do grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >> .git/info/exclude; done
@@ -21,4 +22,5 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 DATA=${DATA:-../shared/data/lucchi/train.zarr}
 [ -f .gpu/a/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/a --z 0:70
 [ -f .gpu/b/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/b --z 70:165
-du -sh .whl .gpu/a .gpu/b
+[ -f .gpu/val/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/val --z 120:165
+du -sh .whl .gpu/a .gpu/b .gpu/val

@@ -11,6 +11,15 @@
 #   run.sh finetune MINUTES unpack part b (the validation slab with it), then configs/lucchi_gpu_soup_{a,b,c}.yaml
 #                           side by side for MINUTES, each validated on the GPU, and each run's best checkpoint,
 #                           exported small, into $OUT (to be averaged with models/lucchi.pt where it is scored)
+#   run.sh soup MINUTES     unpack part b, then configs/lucchi_gpu_b1.yaml with seeds 41-46 side by side (batch 1,
+#                           batch 2 for 45 and 46) for MINUTES, each run's best exported into $OUT; then two averages,
+#                           "cpu" (models/lucchi.pt and /tmp/cpu_soup.pt, an export of runs/lucchi_cpu_soup/best.pt
+#                           carried in call 1) and "all" (those and each run whose best validation Jaccard is
+#                           >= 0.875), segmented on the held-out slab (with --tta yx too) and evaluated; the
+#                           probability volumes come back in $OUT/preds.tgz, for `instances` where its tools are
+#   run.sh score CKPT...    unpack part val (z 120..164: the held-out slab and the context above it), then for each
+#                           checkpoint `segment` of the held-out slab without and with --tta yx, `evaluate`, and the
+#                           probability volumes into $OUT/preds.tgz (for `instances` where its tools are)
 set -uo pipefail
 OUT=${OUT:-/tmp/mitoseg-out}
 mkdir -p "$OUT"
@@ -20,7 +29,8 @@ if [ ! -f $SITE/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl \
         && touch $SITE/.installed || exit 1
 fi
-export PYTHONPATH=$SITE:$PWD
+# The image lacks cloud-files (and its dependency tree); segment's done-records need only the shim's three calls.
+export PYTHONPATH=$SITE:$PWD/benchmarks/device/shim:$PWD
 DATA=../shared/data/lucchi/train.zarr
 unpack() { python3 benchmarks/device/pack_volume.py unpack ".gpu/$1" $DATA && echo "unpacked part $1 into $DATA"; }
 
@@ -92,9 +102,68 @@ finetune() {
     tar czf "$OUT/logs.tgz" runs_soup_*.log runs/lucchi_gpu_soup_*/*.csv
 }
 
+soup() {
+    local minutes=$1 seed
+    unpack b
+    for seed in 41 42 43 44 45 46; do
+        python3 - "$seed" <<'EOF'
+import sys, yaml
+seed = int(sys.argv[1])
+cfg = yaml.safe_load(open("configs/lucchi_gpu_b1.yaml"))
+cfg.update(seed=seed, output_dir=f"runs/lucchi_gpu_b1_s{seed}")
+cfg["data"]["batch_size"] = 2 if seed >= 45 else 1
+yaml.safe_dump(cfg, open(f"/tmp/b1_s{seed}.yaml", "w"))
+EOF
+        timeout $((minutes * 60 + 150)) python3 -m pipeline train "/tmp/b1_s$seed.yaml" --time-budget "$minutes" \
+            > "runs_b1_s$seed.log" 2>&1 &
+    done
+    wait
+    grep -h -i "stopped at\|error" runs_b1_*.log | tail -n 20
+    head -n 20 runs/lucchi_gpu_b1_s*/val.csv
+    export_small runs/lucchi_gpu_b1_s*/best.pt
+    tar czf "$OUT/logs.tgz" runs_b1_*.log runs/lucchi_gpu_b1_*/*.csv
+    python3 - <<'EOF'
+import csv, glob
+from pipeline.checkpoint import average_checkpoints
+keep = []
+for run in sorted(glob.glob("runs/lucchi_gpu_b1_s*")):
+    best = max(float(row["jaccard"]) for row in csv.DictReader(open(f"{run}/val.csv")))
+    keep += [f"{run}/best.pt"] if best >= 0.875 else []
+cpu = ["models/lucchi.pt", "/tmp/cpu_soup.pt"]
+for name, members in {"cpu": cpu, "all": cpu + keep}.items():
+    print("average", name, average_checkpoints(members, f"/tmp/soup_{name}.pt")[:12], members)
+EOF
+    for job in "all none" "all yx" "cpu yx"; do
+        set -- $job
+        timeout 120 python3 -m pipeline segment --checkpoint "/tmp/soup_$1.pt" --input $DATA/raw \
+            --roi 130,0,0:35,768,1024 --output "/tmp/pred_$1_$2.zarr" --tta "$2" --workers 1 2>&1 | grep "segment \|rror"
+        echo "$1 $2 $(python3 -m pipeline evaluate --prediction "/tmp/pred_$1_$2.zarr" --truth $DATA/label --json)"
+    done
+    tar czf "$OUT/preds.tgz" -C /tmp pred_all_none.zarr pred_all_yx.zarr pred_cpu_yx.zarr
+}
+
+score() {
+    local ckpt name mode
+    unpack val
+    mkdir -p /tmp/preds
+    for ckpt in "$@"; do
+        name=$(basename "$ckpt" .pt)
+        for mode in none yx; do
+            /usr/bin/time -f "segment wall %e s" timeout 150 python3 -m pipeline segment --checkpoint "$ckpt" \
+                --input $DATA/raw --roi 130,0,0:35,768,1024 --output "/tmp/preds/${name}_$mode.zarr" --tta $mode \
+                --workers 1 2>&1 | grep "segment\|rror"
+            echo "$name $mode $(python3 -m pipeline evaluate --prediction "/tmp/preds/${name}_$mode.zarr" \
+                --truth $DATA/label --json)"
+        done
+        tar czf "$OUT/preds.tgz" -C /tmp/preds .
+    done
+}
+
 case "${1:-}" in
     check) check 2>&1 | tee "$OUT/check.log" ;;
     train) train "${2:?give the training minutes}" 2>&1 | tee "$OUT/train.log" ;;
     finetune) finetune "${2:?give the training minutes}" 2>&1 | tee "$OUT/finetune.log" ;;
-    *) echo "usage: run.sh check | train MINUTES | finetune MINUTES" >&2; exit 2 ;;
+    soup) soup "${2:?give the training minutes}" 2>&1 | tee "$OUT/soup.log" ;;
+    score) shift; score "${@:?give checkpoints}" 2>&1 | tee "$OUT/score.log" ;;
+    *) echo "usage: run.sh check | train MINUTES | finetune MINUTES | soup MINUTES | score CKPT..." >&2; exit 2 ;;
 esac
