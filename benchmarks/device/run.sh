@@ -15,8 +15,7 @@
 #                           batch 2 for 45 and 46) for MINUTES, each run's best exported into $OUT; then two averages,
 #                           "cpu" (models/lucchi.pt and /tmp/cpu_soup.pt, an export of runs/lucchi_cpu_soup/best.pt
 #                           carried in call 1) and "all" (those and each run whose best validation Jaccard is
-#                           >= 0.875), segmented on the held-out slab (with --tta yx too) and evaluated; the
-#                           probability volumes come back in $OUT/preds.tgz, for `instances` where its tools are
+#                           >= 0.875), each scored as `score` does (give 4 MINUTES to stay in one call's 10)
 #   run.sh score CKPT...    unpack part val (z 120..164: the held-out slab and the context above it), then for each
 #                           checkpoint `segment` of the held-out slab without and with --tta yx, `evaluate`, and the
 #                           probability volumes into $OUT/preds.tgz (for `instances` where its tools are)
@@ -133,18 +132,12 @@ cpu = ["models/lucchi.pt", "/tmp/cpu_soup.pt"]
 for name, members in {"cpu": cpu, "all": cpu + keep}.items():
     print("average", name, average_checkpoints(members, f"/tmp/soup_{name}.pt")[:12], members)
 EOF
-    for job in "all none" "all yx" "cpu yx"; do
-        set -- $job
-        timeout 120 python3 -m pipeline segment --checkpoint "/tmp/soup_$1.pt" --input $DATA/raw \
-            --roi 130,0,0:35,768,1024 --output "/tmp/pred_$1_$2.zarr" --tta "$2" --workers 1 2>&1 | grep "segment \|rror"
-        echo "$1 $2 $(python3 -m pipeline evaluate --prediction "/tmp/pred_$1_$2.zarr" --truth $DATA/label --json)"
-    done
-    tar czf "$OUT/preds.tgz" -C /tmp pred_all_none.zarr pred_all_yx.zarr pred_cpu_yx.zarr
+    score /tmp/soup_all.pt /tmp/soup_cpu.pt
 }
 
+# `segment` of the held-out slab with each checkpoint named, without and with --tta yx, then `evaluate`.
 score() {
     local ckpt name mode
-    unpack val
     mkdir -p /tmp/preds
     for ckpt in "$@"; do
         name=$(basename "$ckpt" .pt)
@@ -164,6 +157,6 @@ case "${1:-}" in
     train) train "${2:?give the training minutes}" 2>&1 | tee "$OUT/train.log" ;;
     finetune) finetune "${2:?give the training minutes}" 2>&1 | tee "$OUT/finetune.log" ;;
     soup) soup "${2:?give the training minutes}" 2>&1 | tee "$OUT/soup.log" ;;
-    score) shift; score "${@:?give checkpoints}" 2>&1 | tee "$OUT/score.log" ;;
+    score) shift; { unpack val && score "${@:?give checkpoints}"; } 2>&1 | tee "$OUT/score.log" ;;
     *) echo "usage: run.sh check | train MINUTES | finetune MINUTES | soup MINUTES | score CKPT..." >&2; exit 2 ;;
 esac
