@@ -55,6 +55,7 @@ def config_models() -> dict[str, type]:
         "lucchi_gpu_soup_b.yaml": TrainConfig,
         "lucchi_gpu_soup_c.yaml": TrainConfig,
         "lucchi_cpu_soup.yaml": TrainConfig,
+        "lucchi_cpu_soup2.yaml": TrainConfig,
         "lucchi_gpu_b1.yaml": TrainConfig,
     }
     try:
