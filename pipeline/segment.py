@@ -121,7 +121,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     bad = [p for p, d in zip(patch, net.size_divisor, strict=True) if p % d]
     if bad:
         raise ConfigError(f"patch_shape {patch} must be divisible by the network's size divisor {net.size_divisor}")
-    grid = PatchGrid.with_overlap(patch, net.context, config.overlap)  # type: ignore[arg-type]
+    grid = PatchGrid.with_overlap(patch, net.context, config.overlap, source.meta.shape)  # type: ignore[arg-type]
     median = net.median_size if config.median_size is None else config.median_size
     roi = parse_roi(config.roi) if config.roi else source.meta.roi
     out_meta = source.meta.derive(

@@ -1,13 +1,14 @@
-"""Seam-free stitching: one patch grid anchored at the volume origin, mirror padding, weighted blending.
+"""Seam-free stitching: one patch grid over the volume, mirror padding, weighted blending.
 
 Every voxel is predicted by the same patches whatever the block partition, worker count or sub-ROI:
-patch positions depend only on the volume origin, padding only on the volume borders, and the weighted
+patch positions depend only on the volume's shape, padding only on the volume borders, and the weighted
 sum runs over the patches in global grid order. A block's result therefore equals the same voxels of a
 one-block run. Pure numpy; the network is passed in as a function.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,13 +24,31 @@ Vec3 = tuple[int, int, int]
 Blending = Literal["gaussian", "bump", "constant"]
 
 
+@lru_cache(maxsize=64)
+def axis_starts(size: int, out: int, stride: int) -> tuple[int, ...]:
+    """Tile starts along one axis of length `size`: multiples of `stride` from 0, the last moved back to end at the
+    border (`size - out`), so that no tile reaches past the volume; one tile at 0 when the axis is shorter."""
+    last = max(size - out, 0)
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return tuple(starts)
+
+
 @dataclass(frozen=True)
 class PatchGrid:
-    """Network patches: input shape, margin cropped per side, and the stride between output tiles."""
+    """Network patches over one volume: input shape, margin cropped per side, stride between output tiles, and the
+    volume's shape, which bounds the grid.
+
+    Output tiles stay inside the volume (`axis_starts`), as nnU-Net and MONAI place sliding windows: a tile that
+    hung past a border would be predicted mostly from mirrored data, which adds false objects along the volume's
+    faces. Only the context of border tiles is mirrored.
+    """
 
     patch_shape: Vec3
     context: Vec3
     stride: Vec3
+    volume_shape: Vec3
 
     def __post_init__(self) -> None:
         out = self.output_shape
@@ -39,34 +58,36 @@ class PatchGrid:
             raise GeometryError(f"stride {self.stride} must be between 1 and the patch output shape {out}")
 
     @classmethod
-    def with_overlap(cls, patch_shape: Vec3, context: Vec3, overlap: float) -> PatchGrid:
-        """A grid whose output tiles overlap by the fraction `overlap` of their size."""
+    def with_overlap(cls, patch_shape: Vec3, context: Vec3, overlap: float, volume_shape: Vec3) -> PatchGrid:
+        """A grid over `volume_shape` whose output tiles overlap by the fraction `overlap` of their size."""
         out = [p - 2 * c for p, c in zip(patch_shape, context, strict=True)]
         stride = tuple(max(1, int(round(o * (1.0 - overlap)))) for o in out)
-        return cls(tuple(patch_shape), tuple(context), stride)  # type: ignore[arg-type]
+        return cls(tuple(patch_shape), tuple(context), stride, tuple(volume_shape))  # type: ignore[arg-type]
 
     @property
     def output_shape(self) -> Vec3:
         return tuple(p - 2 * c for p, c in zip(self.patch_shape, self.context, strict=True))  # type: ignore[return-value]
 
-    def tile_range(self, roi: Roi) -> tuple[list[int], list[int]]:
-        """First and last grid index (inclusive) per axis of the output tiles that meet `roi`."""
-        out = self.output_shape
-        first = [-(-(b - o + 1) // s) for b, o, s in zip(roi.begin, out, self.stride, strict=True)]
-        last = [(e - 1) // s for e, s in zip(roi.end, self.stride, strict=True)]
-        return first, last
+    def _starts_meeting(self, roi: Roi) -> list[tuple[int, ...]]:
+        """Per axis, the tile starts whose tiles meet `roi`."""
+        picked = []
+        for b, e, size, out, stride in zip(
+            roi.begin, roi.end, self.volume_shape, self.output_shape, self.stride, strict=True
+        ):
+            starts = axis_starts(size, out, stride)
+            picked.append(starts[bisect.bisect_right(starts, b - out) : bisect.bisect_left(starts, e)])
+        return picked
 
     def tiles(self, roi: Roi) -> Iterator[Roi]:
         """Output tiles that meet `roi`, in global grid order (the order every block sums them in)."""
-        first, last = self.tile_range(roi)
-        for idx in itertools.product(*(range(a, b + 1) for a, b in zip(first, last, strict=True))):
-            yield Roi([i * s for i, s in zip(idx, self.stride, strict=True)], self.output_shape)
+        for start in itertools.product(*self._starts_meeting(roi)):
+            yield Roi(start, self.output_shape)
 
     def read_roi(self, write_roi: Roi) -> Roi:
-        """The input region every patch that predicts `write_roi` needs (may reach outside the volume)."""
-        first, last = self.tile_range(write_roi)
-        begin = [f * s - c for f, s, c in zip(first, self.stride, self.context, strict=True)]
-        end = [t * s + o + c for t, s, o, c in zip(last, self.stride, self.output_shape, self.context, strict=True)]
+        """The input region every patch that predicts `write_roi` needs (reaches past the volume by the context)."""
+        starts = self._starts_meeting(write_roi)
+        begin = [s[0] - c for s, c in zip(starts, self.context, strict=True)]
+        end = [s[-1] + o + c for s, o, c in zip(starts, self.output_shape, self.context, strict=True)]
         return Roi(begin, [e - b for e, b in zip(end, begin, strict=True)])
 
 

@@ -7,7 +7,15 @@ import pytest
 from daisy import Roi
 
 from pipeline.errors import GeometryError
-from pipeline.stitching import PatchGrid, blend_weights, mirror_indices, predict_region, read_mirrored, to_output_dtype
+from pipeline.stitching import (
+    PatchGrid,
+    axis_starts,
+    blend_weights,
+    mirror_indices,
+    predict_region,
+    read_mirrored,
+    to_output_dtype,
+)
 
 
 def fake_network(patch: np.ndarray) -> np.ndarray:
@@ -31,7 +39,7 @@ def test_mirror_indices_reflect_without_repeating_the_edge() -> None:
 
 
 def test_read_roi_covers_every_patch() -> None:
-    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25)
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25, (40, 100, 100))
     assert grid.output_shape == (6, 24, 24) and grid.stride == (4, 18, 18)
     write = Roi((10, 40, 40), (8, 16, 16))
     read = grid.read_roi(write)
@@ -40,12 +48,35 @@ def test_read_roi_covers_every_patch() -> None:
         assert tile.intersects(write)
 
 
+def test_tiles_stay_inside_the_volume_and_cover_it() -> None:
+    shape = (17, 60, 64)
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25, shape)
+    whole = Roi((0, 0, 0), shape)
+    tiles = list(grid.tiles(whole))
+    assert all(whole.contains(t) for t in tiles)
+    covered = np.zeros(shape, bool)
+    for t in tiles:
+        covered[t.to_slices()] = True
+    assert covered.all()
+    # the last tile on each axis ends at the border, off the stride (16 - 6 = 11 is no multiple of 4)
+    assert axis_starts(17, 6, 4) == (0, 4, 8, 11)
+    assert max(t.end[0] for t in tiles) == 17
+    # the read region reaches past the volume by the context only
+    assert grid.read_roi(whole) == whole.grow(grid.context, grid.context)
+
+
+def test_an_axis_shorter_than_a_tile_gets_one_tile_at_the_origin() -> None:
+    assert axis_starts(5, 6, 4) == (0,)
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25, (5, 60, 64))
+    assert {t.begin[0] for t in grid.tiles(Roi((0, 0, 0), (5, 60, 64)))} == {0}
+
+
 @pytest.mark.parametrize(
     "sub", [Roi((0, 0, 0), (7, 20, 30)), Roi((5, 13, 17), (9, 30, 21)), Roi((13, 55, 61), (4, 5, 3))]
 )
 def test_sub_region_equals_whole_volume_bit_for_bit(sub: Roi) -> None:
     volume = np.random.default_rng(0).random((1, 17, 60, 64)).astype(np.float32)
-    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.5)
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.5, (17, 60, 64))
     whole = run(volume, Roi((0, 0, 0), (17, 60, 64)), grid)
     part = run(volume, sub, grid)
     assert np.array_equal(whole[(slice(None), *sub.to_slices())], part)
@@ -53,7 +84,7 @@ def test_sub_region_equals_whole_volume_bit_for_bit(sub: Roi) -> None:
 
 def test_blending_is_a_weighted_average() -> None:
     volume = np.full((1, 10, 40, 40), 0.3, np.float32)
-    grid = PatchGrid.with_overlap((6, 24, 24), (1, 4, 4), 0.5)
+    grid = PatchGrid.with_overlap((6, 24, 24), (1, 4, 4), 0.5, (10, 40, 40))
     out = run(volume, Roi((0, 0, 0), (10, 40, 40)), grid)
     expected = np.tanh(3 * 0.3 + 0.3) * 0.5
     assert out.min() >= expected - 1e-6 and out.max() <= expected + 0.1 + 1e-6
@@ -68,9 +99,9 @@ def test_weights_peak_in_the_centre_and_never_vanish() -> None:
 
 def test_bad_grids() -> None:
     with pytest.raises(GeometryError, match="larger than twice the context"):
-        PatchGrid((4, 16, 16), (2, 4, 4), (1, 1, 1))
+        PatchGrid((4, 16, 16), (2, 4, 4), (1, 1, 1), (10, 10, 10))
     with pytest.raises(GeometryError, match="stride"):
-        PatchGrid((8, 16, 16), (1, 4, 4), (7, 4, 4))
+        PatchGrid((8, 16, 16), (1, 4, 4), (7, 4, 4), (10, 10, 10))
 
 
 def test_output_dtypes() -> None:

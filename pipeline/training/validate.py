@@ -6,17 +6,10 @@ import numpy as np
 import torch
 
 from pipeline.evaluation import SemanticCounts, count
+from pipeline.stitching import axis_starts
 from pipeline.tta import TTAMode, predict_probabilities
 
 _BINS = 200
-
-
-def _starts(length: int, core: int, stride: int) -> list[int]:
-    last = max(length - core, 0)
-    starts = list(range(0, last + 1, stride))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
 
 
 def _gaussian(core: tuple[int, int, int]) -> np.ndarray:
@@ -48,7 +41,7 @@ def predict_volume(
     weight = _gaussian(core)  # type: ignore[arg-type]
     acc = None
     norm = np.zeros(out_shape, dtype=np.float32)
-    grid = [_starts(o, c, s) for o, c, s in zip(out_shape, core, stride, strict=True)]
+    grid = [axis_starts(o, c, s) for o, c, s in zip(out_shape, core, stride, strict=True)]
     for z in grid[0]:
         for y in grid[1]:
             for x in grid[2]:
