@@ -1,24 +1,16 @@
-"""Validation: sliding-window prediction with Gaussian blending, and threshold tuning from histograms."""
+"""Validation: sliding-window prediction as `segment` runs it, and threshold tuning from histograms."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from daisy import Roi
 
 from pipeline.evaluation import SemanticCounts, count
-from pipeline.stitching import axis_starts
+from pipeline.stitching import PatchGrid, predict_region, read_mirrored
 from pipeline.tta import TTAMode, predict_probabilities
 
 _BINS = 200
-
-
-def _gaussian(core: tuple[int, int, int]) -> np.ndarray:
-    axes = []
-    for n in core:
-        x = np.arange(n) - (n - 1) / 2
-        axes.append(np.exp(-0.5 * (x / max(n / 4, 1e-3)) ** 2))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
 
 
 @torch.no_grad()
@@ -31,36 +23,20 @@ def predict_volume(
     device: torch.device | str = "cpu",
     tta: TTAMode = "none",
 ) -> np.ndarray:
-    """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume: patches with overlap, context cropped,
-    Gaussian-weighted blending, test-time augmentation `tta`; borders mirrored. The network must be in eval mode."""
-    core = tuple(p - 2 * c for p, c in zip(patch_shape, context, strict=True))
-    stride = tuple(max(1, int(round(c * (1 - overlap)))) for c in core)
-    out_shape = tuple(max(s, c) for s, c in zip(raw.shape, core, strict=True))
-    pad = [(c, c + o - s) for c, o, s in zip(context, out_shape, raw.shape, strict=True)]
-    padded = np.pad(raw, pad, mode="reflect")  # as `segment` mirrors volume borders (no edge repeat)
-    weight = _gaussian(core)  # type: ignore[arg-type]
-    acc = None
-    norm = np.zeros(out_shape, dtype=np.float32)
-    grid = [axis_starts(o, c, s) for o, c, s in zip(out_shape, core, stride, strict=True)]
-    for z in grid[0]:
-        for y in grid[1]:
-            for x in grid[2]:
-                patch = padded[z : z + patch_shape[0], y : y + patch_shape[1], x : x + patch_shape[2]]
-                tensor = torch.from_numpy(patch.astype(np.float32) / 255.0)[None, None].to(device)
-                prob = predict_probabilities(network, tensor, tta)[0].cpu().numpy()
-                prob = prob[
-                    :,
-                    context[0] : context[0] + core[0],
-                    context[1] : context[1] + core[1],
-                    context[2] : context[2] + core[2],
-                ]
-                if acc is None:
-                    acc = np.zeros((prob.shape[0], *out_shape), dtype=np.float32)
-                box = (slice(z, z + core[0]), slice(y, y + core[1]), slice(x, x + core[2]))
-                acc[(slice(None), *box)] += prob * weight
-                norm[box] += weight
-    acc /= norm  # type: ignore[operator]
-    return acc[:, : raw.shape[0], : raw.shape[1], : raw.shape[2]]
+    """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume in memory, predicted as `segment` predicts a volume
+    (its patch grid, mirror padding and Gaussian blending; `pipeline.stitching`), with test-time augmentation
+    `tta`. The network must be in eval mode."""
+    grid = PatchGrid.with_overlap(patch_shape, context, overlap, raw.shape)  # type: ignore[arg-type]
+    whole = Roi((0, 0, 0), raw.shape)
+    read_roi = grid.read_roi(whole)
+    padded = read_mirrored(lambda roi: raw[None][(slice(None), *roi.to_slices())], read_roi, raw.shape)  # type: ignore[arg-type]
+    crop = (slice(None), *(slice(c, c + o) for c, o in zip(context, grid.output_shape, strict=True)))
+
+    def forward(patch: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(patch.astype(np.float32) / 255.0)[None].to(device)
+        return predict_probabilities(network, tensor, tta)[0].cpu().numpy()[crop]
+
+    return predict_region(padded, read_roi, whole, grid, forward)
 
 
 class ThresholdTuner:
