@@ -84,7 +84,8 @@ class PatchGrid:
             yield Roi(start, self.output_shape)
 
     def read_roi(self, write_roi: Roi) -> Roi:
-        """The input region every patch that predicts `write_roi` needs (reaches past the volume by the context)."""
+        """The input region every patch that predicts `write_roi` needs: past the volume by the context (by more only
+        on an axis shorter than one tile)."""
         starts = self._starts_meeting(write_roi)
         begin = [s[0] - c for s, c in zip(starts, self.context, strict=True)]
         end = [s[-1] + o + c for s, o, c in zip(starts, self.output_shape, self.context, strict=True)]
