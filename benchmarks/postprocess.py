@@ -2,15 +2,19 @@
 
 Predicts the region once per TTA mode (sliding window, Gaussian blending, as `segment` and validation do), then
 scores each median size at the checkpoint's stored threshold and at the threshold tuned on the region itself.
-Prints one table.
+With `--margin`, it predicts N real slices above and below the region too (where the volume has them), as `segment`
+reads context from the volume around its ROI; since the tile grid then starts N slices earlier, several margins
+show how much a score depends on where the tiles fall. Prints one table.
 
     python benchmarks/postprocess.py                         # models/lucchi.pt on the "lucchi-z130" validation slices
     python benchmarks/postprocess.py --median 0 3 5 7 --tta none yx --checkpoint runs/x/best.pt
+    python benchmarks/postprocess.py --median 7 --margin 0 4 7 10            # tile-placement sensitivity
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -26,6 +30,9 @@ def main() -> None:
     parser.add_argument("--roi", default="130,0,0:35,768,1024", help="OFFSET:SHAPE to score (z,y,x voxels)")
     parser.add_argument("--median", type=int, nargs="+", default=[0, 5, 7], help="median sizes (0 = none)")
     parser.add_argument("--tta", nargs="+", default=["none"], choices=["none", "yx", "zyx"])
+    parser.add_argument(
+        "--margin", type=int, nargs="+", default=[0], help="real slices predicted above and below the region"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -40,29 +47,32 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     roi = parse_roi(args.roi)
-    raw = open_volume(args.raw).read(roi)[0]
+    source = open_volume(args.raw)
     truth = open_volume(args.label).read(roi)[0] > 0
     loaded = load_checkpoint(args.checkpoint)
     print(
         f"{args.checkpoint} (hash {loaded.content_hash[:12]}), region {args.roi}, stored threshold "
         f"{loaded.threshold:.3f}"
     )
-    print("| tta | median | Jaccard (stored t) | Jaccard (tuned t) | tuned t | Dice (tuned t) | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for tta in args.tta:
+    print("| margin | tta | median | Jaccard (stored t) | Jaccard (tuned t) | tuned t | Dice (tuned t) | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for margin, tta in itertools.product(args.margin, args.tta):
+        grown = roi.grow((margin, 0, 0), (margin, 0, 0)).intersect(source.meta.roi)
+        inner = (roi - grown.offset).to_slices()
+        raw = source.read(grown)[0]
         clock = time.perf_counter()
         prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, tta=tta)
         predict_s = time.perf_counter() - clock
         for size in args.median:
             clock = time.perf_counter()
-            mask = median_filter(prob, size)[0]
+            mask = median_filter(prob, size)[0][inner]
             filter_s = time.perf_counter() - clock
             stored = count(mask >= loaded.threshold, truth)
             tuner = ThresholdTuner()
             tuner.update(mask, truth)
             tuned_t, tuned = tuner.best()
             print(
-                f"| {tta} | {size or '-'} | {stored.jaccard:.4f} | {tuned.jaccard:.4f} | {tuned_t:.3f} | "
+                f"| {margin} | {tta} | {size or '-'} | {stored.jaccard:.4f} | {tuned.jaccard:.4f} | {tuned_t:.3f} | "
                 f"{tuned.dice:.4f} | {predict_s + filter_s:.0f} |"
             )
 
