@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -58,10 +58,14 @@ class PatchGrid:
             raise GeometryError(f"stride {self.stride} must be between 1 and the patch output shape {out}")
 
     @classmethod
-    def with_overlap(cls, patch_shape: Vec3, context: Vec3, overlap: float, volume_shape: Vec3) -> PatchGrid:
-        """A grid over `volume_shape` whose output tiles overlap by the fraction `overlap` of their size."""
+    def with_overlap(
+        cls, patch_shape: Vec3, context: Vec3, overlap: float | Sequence[float], volume_shape: Vec3
+    ) -> PatchGrid:
+        """A grid over `volume_shape` whose output tiles overlap by the fraction `overlap` of their size (one
+        fraction, or one per axis)."""
         out = [p - 2 * c for p, c in zip(patch_shape, context, strict=True)]
-        stride = tuple(max(1, int(round(o * (1.0 - overlap)))) for o in out)
+        fractions = [float(overlap)] * 3 if isinstance(overlap, int | float) else [float(f) for f in overlap]
+        stride = tuple(max(1, int(round(o * (1.0 - f)))) for o, f in zip(out, fractions, strict=True))
         return cls(tuple(patch_shape), tuple(context), stride, tuple(volume_shape))  # type: ignore[arg-type]
 
     @property

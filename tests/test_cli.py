@@ -25,6 +25,10 @@ def test_options_override_the_file(tmp_path: Path) -> None:
     job.write_text("input: a.zarr/raw\noutput: b.zarr/p\nblock_size: [32, 64, 64]\nworkers: 3\n")
     cfg = load_config(SegmentConfig, job, {"workers": 1, "block_size": None})
     assert cfg.workers == 1 and cfg.block_size == (32, 64, 64) and cfg.output == ["b.zarr/p"]
+    job.write_text("input: a.zarr/raw\noutput: b.zarr/p\noverlap: [0.75, 0.25, 0.25]\n")
+    assert load_config(SegmentConfig, job).overlap == (0.75, 0.25, 0.25)
+    job.write_text("input: a.zarr/raw\noutput: b.zarr/p\noverlap: 0.5\n")
+    assert load_config(SegmentConfig, job).overlap == (0.5, 0.5, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,7 @@ def test_options_override_the_file(tmp_path: Path) -> None:
         ("input: a\noutput: b\nworkers: 0\n", r"workers: Input should be greater than or equal to 1 \(got 0\)"),
         ("input: a\noutput: b\noutput_dtype: int8\n", r"output_dtype: Input should be 'uint8', 'float16' or 'float32'"),
         ("input: a\noutput: b\nblok_size: [1, 2, 3]\n", r"blok_size: Extra inputs are not permitted"),
+        ("input: a\noutput: b\noverlap: [0.5, 1.0, 0.25]\n", r"overlap\.1: Input should be less than 1 \(got 1\.0\)"),
         ("output: b\n", r"input: Field required"),
         ("- a\n- b\n", r"must hold a mapping"),
     ],

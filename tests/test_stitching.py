@@ -48,6 +48,17 @@ def test_read_roi_covers_every_patch() -> None:
         assert tile.intersects(write)
 
 
+def test_overlap_per_axis_sets_each_stride() -> None:
+    grid = PatchGrid.with_overlap((16, 64, 64), (2, 8, 8), (0.75, 0.25, 0.5), (40, 100, 100))
+    assert grid.output_shape == (12, 48, 48) and grid.stride == (3, 36, 24)
+    # along z every voxel away from the faces lies in 12 / 3 = 4 tiles, at four different depths in the patch
+    depth = np.zeros(40, int)
+    for tile in grid.tiles(Roi((0, 0, 0), (40, 100, 100))):
+        if tile.begin[1:] == (0, 0):
+            depth[tile.begin[0] : tile.end[0]] += 1
+    assert depth[12:28].tolist() == [4] * 16
+
+
 def test_tiles_stay_inside_the_volume_and_cover_it() -> None:
     shape = (17, 60, 64)
     grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25, shape)
