@@ -46,7 +46,7 @@ class SegmentConfig(BaseModel):
         (0.25, 0.25, 0.25),
         description="Fraction by which neighbouring output tiles overlap: one for every axis, or (z, y, x). A denser "
         "z stride (e.g. [0.75, 0.25, 0.25]) averages each voxel over tiles at several depths, so the result depends "
-        "less on where tiles fall, at 3x the compute.",
+        "less on where tiles fall, with 3 times the tiles along z (1.4-2.5x the time measured on Lucchi).",
     )
     blending: Literal["gaussian", "bump", "constant"] = Field("gaussian", description="Weights across a tile.")
     tta: TTAMode = Field(
