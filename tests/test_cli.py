@@ -60,6 +60,10 @@ def test_cli_error_exit_status_and_message(tmp_path: Path) -> None:
         "1,2",
     )
     assert out.returncode == 2 and "--block-size '1,2' must be three integers" in out.stderr
+    out = mitoseg("segment", "--input", "a", "--output", "b", "--overlap", "0.5,1.0,0.25")
+    assert out.returncode == 2 and "overlap.1: Input should be less than 1 (got 1.0)" in out.stderr
+    out = mitoseg("segment", "--input", "a", "--output", "b", "--overlap", "half")
+    assert out.returncode == 2 and "--overlap 'half' must be one fraction or three" in out.stderr
     out = mitoseg("evaluate", "--prediction", "a", "--truth", "b", "--kind", "bogus")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "'bogus' is not one of" in out.stderr
     out = mitoseg("segment", "--workers", "two")
@@ -96,3 +100,5 @@ def test_segment_command_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> No
     assert probs.meta.num_channels == 1 and probs.read(probs.meta.roi).dtype == np.uint8
     again = mitoseg(*args)
     assert "segment: 0 block(s) computed, 1 skipped" in again.stdout
+    denser = mitoseg(*args, "--overlap", "0.75,0.25,0.25")  # another tile grid: the block is computed again
+    assert denser.returncode == 0 and "segment: 1 block(s) computed" in denser.stdout, denser.stderr

@@ -18,7 +18,8 @@
 #                           >= 0.875), each scored as `score` does (give 4 MINUTES to stay in one call's 10)
 #   run.sh score CKPT...    unpack part val (z 120..164: the held-out slab and the context above it), then for each
 #                           checkpoint `segment` of the held-out slab without and with --tta yx, `evaluate`, and the
-#                           probability volumes into $OUT/preds.tgz (for `instances` where its tools are)
+#                           probability volumes into $OUT/preds.tgz (for `instances` where its tools are);
+#                           OVERLAP=0.75,0.25,0.25 run.sh score ... scores with a denser z stride (default 0.25)
 set -uo pipefail
 OUT=${OUT:-/tmp/mitoseg-out}
 mkdir -p "$OUT"
@@ -144,7 +145,7 @@ score() {
         for mode in none yx; do
             /usr/bin/time -f "segment wall %e s" timeout 150 python3 -m pipeline segment --checkpoint "$ckpt" \
                 --input $DATA/raw --roi 130,0,0:35,768,1024 --output "/tmp/preds/${name}_$mode.zarr" --tta $mode \
-                --workers 1 2>&1 | grep "segment\|rror"
+                --overlap "${OVERLAP:-0.25}" --workers 1 2>&1 | grep "segment\|rror"
             echo "$name $mode $(python3 -m pipeline evaluate --prediction "/tmp/preds/${name}_$mode.zarr" \
                 --truth $DATA/label --json)"
         done

@@ -23,6 +23,17 @@ def parse_zyx(text: str | None, option: str) -> tuple[int, int, int] | None:
     return values  # type: ignore[return-value]
 
 
+def parse_fractions(text: str | None, option: str) -> float | list[float] | None:
+    """One fraction, or three comma-separated ones (z, y, x), from an option, or None; the config checks ranges."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError as err:
+        raise ConfigError(f"{option} {text!r} must be one fraction or three Z,Y,X such as 0.75,0.25,0.25") from err
+    return values[0] if len(values) == 1 else values
+
+
 def segment(
     config: Annotated[Path | None, typer.Argument(help="YAML job file (configs/*.yaml); options override it.")] = None,
     input: Annotated[str | None, typer.Option("--input", help="EM volume URL or local path.")] = None,
@@ -32,6 +43,9 @@ def segment(
     workers: Annotated[int | None, typer.Option("--workers", help="Local Dask worker processes.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
+    overlap: Annotated[
+        str | None, typer.Option("--overlap", help="Tile overlap: one fraction, or Z,Y,X (e.g. 0.75,0.25,0.25).")
+    ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
     tta: Annotated[
         str | None, typer.Option("--tta", help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).")
@@ -66,6 +80,7 @@ def segment(
         "workers": workers,
         "scheduler": scheduler,
         "roi": roi,
+        "overlap": parse_fractions(overlap, "--overlap"),
         "resume": False if no_resume else None,
         "tta": tta,
         "median_size": median_size,
