@@ -245,6 +245,9 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
         from pipeline.instances.run import run_instances
 
         follow = run.config.instances
-        follow = follow.model_copy(update={"input": follow.input or result.outputs[0]})
+        # by default it decodes what this run predicted: the first output, over the same region
+        follow = follow.model_copy(
+            update={"input": follow.input or result.outputs[0], "roi": follow.roi or run.config.roi}
+        )
         result.extra["instances"] = run_instances(follow, client, progress=progress)
     return result

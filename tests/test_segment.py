@@ -84,6 +84,17 @@ def test_sub_roi_rerun_matches_and_precomputed_output(clients, raw_url, tiny_che
     assert pre.provenance["complete"] is True and open_volume(zarr_out).provenance["complete"] is True
 
 
+def test_instances_after_segment_decode_only_its_roi(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
+    from pipeline.config.instances import InstancesConfig
+
+    labels = f"zarr://file://{tmp_path}/seg.zarr/labels"
+    section = InstancesConfig(output=labels, block_size=(8, 16, 16), viewing=False)
+    cfg = config(raw_url, f"zarr://file://{tmp_path}/p.zarr/probs", tiny_checkpoint, block_size=(8, 16, 16))
+    cfg = cfg.model_copy(update={"roi": "8,16,16:8,32,16", "instances": section})
+    follow = segment(cfg, client=clients[1], progress=False).extra["instances"]
+    assert follow.decode.ok and follow.decode.total == 2  # the roi's 2 blocks, not the volume's 75
+
+
 def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
     cfg = config(raw_url, out, tiny_checkpoint, block_size=(16, 48, 48))

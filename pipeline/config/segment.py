@@ -75,7 +75,9 @@ class SegmentConfig(BaseModel):
     max_in_flight: int | None = Field(None, ge=1, description="Blocks submitted at once; 2 per worker + 2 if unset.")
     pyramid: bool = Field(True, description="Add down-sampled scales to the outputs for viewing.")
     instances: InstancesConfig | None = Field(
-        None, description="Decode instances right after segment; its input defaults to the first output."
+        None,
+        description="Decode instances right after segment; its input defaults to the first output, its roi to "
+        "this roi.",
     )
     synthetic: SyntheticInput | None = Field(
         None, description="Generate a synthetic input (and truth) here when the input does not exist."
