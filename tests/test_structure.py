@@ -43,7 +43,7 @@ def config_models() -> dict[str, type]:
 
     models: dict[str, type] = {
         "demo.yaml": SegmentConfig,
-        "lucchi_heldout.yaml": SegmentConfig,
+        "score_lucchi_heldout.yaml": SegmentConfig,
         "demo_train.yaml": TrainConfig,
         "lucchi.yaml": TrainConfig,
         "lucchi_finetune.yaml": TrainConfig,
