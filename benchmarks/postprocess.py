@@ -6,7 +6,7 @@ With `--margin`, it predicts N real slices above and below the region too (where
 reads context from the volume around its ROI; since the tile grid then starts N slices earlier, several margins
 show how much a score depends on where the tiles fall. Prints one table.
 
-    python benchmarks/postprocess.py                         # models/lucchi.pt on the "lucchi-z130" validation slices
+    python benchmarks/postprocess.py                         # pipeline/network/checkpoints/lucchi.pt on the "lucchi-z130" validation slices
     python benchmarks/postprocess.py --median 0 3 5 7 --tta none yx --checkpoint runs/x/best.pt
     python benchmarks/postprocess.py --median 7 --margin 0 4 7 10            # tile-placement sensitivity
 """
@@ -37,10 +37,10 @@ def main() -> None:
 
     import torch
 
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluation import count
+    from pipeline.median_filter import median_filter
+    from pipeline.network.checkpoint import load_checkpoint
     from pipeline.plan import parse_roi
-    from pipeline.smoothing import median_filter
     from pipeline.training.validate import ThresholdTuner, predict_volume
     from pipeline.volumes import open_volume
 

@@ -7,7 +7,7 @@ many patches the block partition computes against one whole-volume block (patche
 computed by each block they reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x
 volume within 20 %).
 
-    python benchmarks/throughput.py [--checkpoint models/demo.pt] [--small 32,256,256] [--workers 1]
+    python benchmarks/throughput.py [--checkpoint pipeline/network/checkpoints/demo.pt] [--small 32,256,256] [--workers 1]
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def bare_forward(run, predictor) -> tuple[float, int]:
 
     Reading and padding happen outside the timed calls.
     """
+    from pipeline.network.inputs import scale_input
     from pipeline.stitching import read_mirrored
     from pipeline.volumes import open_volume
-    from workers.predictor import scale_input
 
     grid, source = run.job.grid, open_volume(run.job.input_url)
     count, seconds = 0, 0.0
@@ -76,7 +76,7 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
     from pipeline.segment import prepare, segment
     from pipeline.synthetic import generate_volume
     from pipeline.volumes import VolumeMeta, create_volume
-    from workers.predictor import Predictor
+    from workers.patch_predictor import Predictor
 
     raw, _ = generate_volume(shape, seed=7)
     url = f"zarr://file://{workdir}/em-{'x'.join(map(str, shape))}.zarr/raw"

@@ -1,6 +1,6 @@
 """Orchestration of `segment`: check the job, prepare outputs and plan, run the blocks on Dask, summarise.
 
-Runs on the client. The per-block work lives in `workers.predict`; the network is loaded once per
+Runs on the client. The per-block work lives in `workers.predict_block`; the network is loaded once per
 worker by `workers.plugin.ModelPlugin`.
 """
 
@@ -45,7 +45,7 @@ class SegmentRun:
 
     config: SegmentConfig
     plan: BlockPlan
-    job: Any  # workers.predict.PredictJob
+    job: Any  # workers.predict_block.PredictJob
     done: DoneMarkers | None
     outputs: list[str]
 
@@ -62,7 +62,7 @@ class SegmentResult:
 
 def network_info(checkpoint: str) -> NetworkInfo:
     """Read the network's shape facts from a checkpoint."""
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.network.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     return NetworkInfo(
@@ -108,7 +108,7 @@ def _prepare_output(url: str, meta: VolumeMeta, resume: bool) -> Volume:
 
 def prepare(config: SegmentConfig) -> SegmentRun:
     """Check everything that can be checked before any work, create outputs, and plan the blocks."""
-    from workers.predict import PredictJob
+    from workers.predict_block import PredictJob
 
     if not config.checkpoint.is_file():
         raise ModelLoadError(
@@ -188,7 +188,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
 def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = True) -> SegmentResult:
     """Load the network on every worker and run the planned blocks."""
     from workers.plugin import ModelPlugin
-    from workers.predict import predict_block
+    from workers.predict_block import predict_block
 
     config = run.config
     plugin = plugin or ModelPlugin(config.checkpoint, device=config.device, precision=config.precision)

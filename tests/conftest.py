@@ -35,9 +35,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small randomly initialised network (deterministic), saved as a real checkpoint."""
     import torch
 
-    from pipeline.checkpoint import save_checkpoint
     from pipeline.config.network import NetworkConfig
-    from pipeline.model import build_network
+    from pipeline.network.checkpoint import save_checkpoint
+    from pipeline.network.model import build_network
 
     torch.manual_seed(0)
     cfg = NetworkConfig(widths=[4, 8], context=(1, 4, 4), embedding_dim=8)

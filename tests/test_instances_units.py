@@ -16,7 +16,7 @@ from pipeline.instances.fixup import plan_fixups
 from pipeline.instances.ids import block_of, check_id_space, id_stride, to_provisional
 from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
 from pipeline.instances.measure import ObjectStats, block_stats, measure_labels, merge_stats
-from pipeline.instances.relabel import block_tables, merge_objects
+from pipeline.instances.merge import block_tables, merge_objects
 from pipeline.instances.unionfind import UnionFind
 from pipeline.plan import plan_blocks
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pipeline.config.network import NetworkConfig
 from pipeline.config.train import LossConfig
-from pipeline.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
+from pipeline.training.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
 
 
 def _clusters(separated: bool, n: int = 64, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def test_contrastive_warmup_ramps_linearly() -> None:
 
 def test_gradients_reach_backbone_and_projection_head() -> None:
     from pipeline.config.train import TrainConfig
-    from pipeline.model import build_network
+    from pipeline.network.model import build_network
     from pipeline.training.loop import TrainStep, compute_loss
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.config.network import NetworkConfig
-from pipeline.model import build_network
+from pipeline.network.model import build_network
 
 
 def _net(**kwargs) -> torch.nn.Module:

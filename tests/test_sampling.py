@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.train import SamplingConfig
-from pipeline.sampling import sample_points
+from pipeline.training.sampling import sample_points
 
 
 def _case() -> tuple[torch.Tensor, torch.Tensor]:

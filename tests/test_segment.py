@@ -269,7 +269,7 @@ def test_test_time_augmentation_stays_seam_free_and_is_its_own_job(
 
 
 def test_median_filter_stays_seam_free_and_is_its_own_job(clients, raw_url, tiny_checkpoint, reference, tmp_path):
-    from pipeline.smoothing import median_filter
+    from pipeline.median_filter import median_filter
 
     one = f"zarr://file://{tmp_path}/one.zarr/probs"
     many = f"zarr://file://{tmp_path}/many.zarr/probs"
@@ -291,7 +291,7 @@ def test_median_filter_stays_seam_free_and_is_its_own_job(clients, raw_url, tiny
 
 
 def test_the_checkpoints_median_is_the_default_and_zero_turns_it_off(clients, raw_url, tiny_checkpoint, tmp_path):
-    from pipeline.checkpoint import export_checkpoint
+    from pipeline.network.checkpoint import export_checkpoint
 
     recommending = tmp_path / "median.pt"
     export_checkpoint(tiny_checkpoint, recommending, median_size=5)

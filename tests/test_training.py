@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import LUCCHI
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError, GeometryError
+from pipeline.network.checkpoint import load_checkpoint
 from pipeline.synthetic import generate_volume, write_volume_zarr
 from pipeline.training import load_train_config
 from pipeline.training.loop import lr_factor, train
@@ -91,7 +91,7 @@ def test_resume_continues_the_same_schedule_exactly(tmp_path: Path) -> None:
 
 
 def test_init_from_starts_a_fresh_schedule_from_saved_weights(tmp_path: Path) -> None:
-    from pipeline.checkpoint import export_checkpoint
+    from pipeline.network.checkpoint import export_checkpoint
 
     source = train(tiny_config(tmp_path / "a"), max_iterations=4)
     export_checkpoint(source.last_checkpoint, tmp_path / "small.pt")  # no projection head: still a valid start
@@ -130,7 +130,7 @@ def test_weight_average_is_checkpointed_and_resumes_exactly(tmp_path: Path) -> N
 
 
 def test_weight_average_is_an_exponential_moving_average() -> None:
-    from pipeline.model import build_network
+    from pipeline.network.model import build_network
     from pipeline.training.loop import make_average
 
     cfg = tiny_config(Path("unused"), optim={"ema_decay": 0.75})

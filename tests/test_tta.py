@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tta import predict_probabilities, variants
+from pipeline.network.tta import predict_probabilities, variants
 
 
 @pytest.mark.parametrize(("mode", "count"), [("none", 1), ("yx", 8), ("zyx", 16)])

@@ -29,7 +29,7 @@ class ModelPlugin(WorkerPlugin):
         self.predictor: Any = None
 
     def setup(self, worker: Any) -> None:
-        from workers.predictor import Predictor
+        from workers.patch_predictor import Predictor
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, self.checkpoint_name)

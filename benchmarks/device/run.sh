@@ -10,10 +10,10 @@
 #                           last checkpoint and last two snapshots of each, exported small, into $OUT
 #   run.sh finetune MINUTES unpack part b (the validation slab with it), then configs/lucchi_gpu_soup_{a,b,c}.yaml
 #                           side by side for MINUTES, each validated on the GPU, and each run's best checkpoint,
-#                           exported small, into $OUT (to be averaged with models/lucchi.pt where it is scored)
+#                           exported small, into $OUT (to be averaged with pipeline/network/checkpoints/lucchi.pt where it is scored)
 #   run.sh soup MINUTES     unpack part b, then configs/lucchi_gpu_b1.yaml with seeds 41-46 side by side (batch 1,
 #                           batch 2 for 45 and 46) for MINUTES, each run's best exported into $OUT; then two averages,
-#                           "cpu" (models/lucchi.pt and /tmp/cpu_soup.pt, an export of runs/lucchi_cpu_soup/best.pt
+#                           "cpu" (pipeline/network/checkpoints/lucchi.pt and /tmp/cpu_soup.pt, an export of runs/lucchi_cpu_soup/best.pt
 #                           carried in call 1) and "all" (those and each run whose best validation Jaccard is
 #                           >= 0.875), each scored as `score` does (give 4 MINUTES to stay in one call's 10)
 #   run.sh score CKPT...    unpack part val (z 120..164: the held-out slab and the context above it), then for each
@@ -39,7 +39,7 @@ export_small() {
     python3 - "$OUT" "$@" <<'EOF'
 import sys
 from pathlib import Path
-from pipeline.checkpoint import export_checkpoint
+from pipeline.network.checkpoint import export_checkpoint
 for path in map(Path, sys.argv[2:]):
     if path.exists():
         target = Path(sys.argv[1]) / f"{path.parent.name}_{path.stem}.pt"
@@ -124,12 +124,12 @@ EOF
     tar czf "$OUT/logs.tgz" runs_b1_*.log runs/lucchi_gpu_b1_*/*.csv
     python3 - <<'EOF'
 import csv, glob
-from pipeline.checkpoint import average_checkpoints
+from pipeline.network.checkpoint import average_checkpoints
 keep = []
 for run in sorted(glob.glob("runs/lucchi_gpu_b1_s*")):
     best = max(float(row["jaccard"]) for row in csv.DictReader(open(f"{run}/val.csv")))
     keep += [f"{run}/best.pt"] if best >= 0.875 else []
-cpu = ["models/lucchi.pt", "/tmp/cpu_soup.pt"]
+cpu = ["pipeline/network/checkpoints/lucchi.pt", "/tmp/cpu_soup.pt"]
 for name, members in {"cpu": cpu, "all": cpu + keep}.items():
     print("average", name, average_checkpoints(members, f"/tmp/soup_{name}.pt")[:12], members)
 EOF

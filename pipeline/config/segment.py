@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config.instances import InstancesConfig
-from pipeline.tta import TTAMode
+from pipeline.network.tta import TTAMode
 
 Vec3 = tuple[int, int, int]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "lucchi.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "network" / "checkpoints" / "lucchi.pt"
 
 
 class SyntheticInput(BaseModel):

@@ -33,7 +33,7 @@ from pipeline.execution import BlockFailure, RunResult, error_text, run_blockwis
 from pipeline.instances.fixup import Fixup, plan_fixups
 from pipeline.instances.ids import check_id_space, id_stride
 from pipeline.instances.measure import ObjectStats, object_table, write_table
-from pipeline.instances.relabel import Merged, block_tables, merge_objects
+from pipeline.instances.merge import Merged, block_tables, merge_objects
 from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
 from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
 from pipeline.resume import DoneMarkers, job_key, state_location

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from daisy import Roi
 
-from pipeline.augment import augment
 from pipeline.config.train import AugmentConfig, DataConfig, Region
 from pipeline.errors import ConfigError, GeometryError
+from pipeline.network.inputs import scale_input
 from pipeline.stitching import mirror_indices
+from pipeline.training.augment import augment
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class PatchSampler:
         index = int(rng.choice(len(self.regions), p=self.weights))
         region = self.regions[index]
         start = self.start(index, rng)
-        raw = crop_mirrored(region.raw, start, self.cfg.patch_shape).astype(np.float32) / 255.0
+        raw = scale_input(crop_mirrored(region.raw, start, self.cfg.patch_shape))
         return augment(raw, crop_mirrored(region.label, start, self.cfg.patch_shape), self.augment_cfg, rng)
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.checkpoint import read_payload, save_checkpoint
 from pipeline.config.network import NetworkConfig
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
-from pipeline.model import ResUNet, build_network
-from pipeline.sampling import sample_points
+from pipeline.network.checkpoint import read_payload, save_checkpoint
+from pipeline.network.model import ResUNet, build_network
 from pipeline.training import distributed
 from pipeline.training.data import LabelledRegion, PatchSampler, ensure_synthetic, load_regions
+from pipeline.training.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
 from pipeline.training.prefetch import BatchPrefetcher
+from pipeline.training.sampling import sample_points
 from pipeline.training.validate import ThresholdTuner, predict_volume
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,9 @@ import torch
 from daisy import Roi
 
 from pipeline.evaluation import SemanticCounts, count
+from pipeline.network.inputs import scale_input
+from pipeline.network.tta import TTAMode, predict_probabilities
 from pipeline.stitching import PatchGrid, predict_region, read_mirrored
-from pipeline.tta import TTAMode, predict_probabilities
 
 _BINS = 200
 
@@ -33,7 +34,7 @@ def predict_volume(
     crop = (slice(None), *(slice(c, c + o) for c, o in zip(context, grid.output_shape, strict=True)))
 
     def forward(patch: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(patch.astype(np.float32) / 255.0)[None].to(device)
+        tensor = torch.from_numpy(scale_input(patch))[None].to(device)
         return predict_probabilities(network, tensor, tta)[0].cpu().numpy()[crop]
 
     return predict_region(padded, read_roi, whole, grid, forward)
@@ -79,8 +80,8 @@ def score_checkpoint(
     """Scores of a checkpoint on a (raw, label) volume, predicted as `segment` runs it: its recommended patch
     shape, Gaussian blending, test-time augmentation `tta`, a `median_size` median filter (the checkpoint's
     recommendation unless given) and its threshold unless given."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.smoothing import median_filter
+    from pipeline.median_filter import median_filter
+    from pipeline.network.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
     prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=tta)

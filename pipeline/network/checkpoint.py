@@ -86,7 +86,7 @@ class LoadedCheckpoint:
 def read_payload(path: str | Path) -> dict[str, Any]:
     """The raw stored dict (used by resume); raises ModelLoadError when unreadable."""
     path = Path(path)
-    hint = "pass a checkpoint written by `mitoseg train` (e.g. models/demo.pt)"
+    hint = "pass a checkpoint written by `mitoseg train` (e.g. pipeline/network/checkpoints/demo.pt)"
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist: {hint}")
     try:
@@ -105,7 +105,7 @@ def read_payload(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the network of a checkpoint in eval mode on `device`, without its projection head."""
-    from pipeline.model import build_network
+    from pipeline.network.model import build_network
 
     path = Path(path)
     payload = read_payload(path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tta import TTAMode, predict_probabilities
+from pipeline.network.tta import TTAMode, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Predictor:
     def __init__(self, checkpoint_path: str, device: str = "auto", precision: str = "auto", optimize: bool = True):
         import torch
 
-        from pipeline.checkpoint import load_checkpoint
+        from pipeline.network.checkpoint import load_checkpoint
 
         set_torch_threads()
         self.device = pick_device(device)
@@ -100,13 +100,6 @@ class Predictor:
             cz, cy, cx = self.context
             z, y, xx = probs.shape[2:]
             return probs[0, :, cz : z - cz, cy : y - cy, cx : xx - cx].cpu().numpy()
-
-
-def scale_input(raw: np.ndarray) -> np.ndarray:
-    """Raw intensities as float32 in [0, 1] (integers divided by their type's maximum)."""
-    if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
-    return raw.astype(np.float32)
 
 
 def fold_batch_norm(network: Any) -> Any:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.errors import ModelLoadError
-from workers.predictor import Predictor, fold_batch_norm, pick_device, scale_input
+from pipeline.network.inputs import scale_input
+from workers.patch_predictor import Predictor, fold_batch_norm, pick_device
 
 
 def test_folded_channels_last_network_matches_the_plain_one(tiny_checkpoint) -> None:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from scipy import ndimage
 
 from pipeline.config.segment import SegmentConfig
-from pipeline.smoothing import median_filter, median_margin
+from pipeline.median_filter import median_filter, median_margin
 
 
 def test_median_removes_speckle_and_keeps_the_contour_channel() -> None:

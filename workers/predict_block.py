@@ -8,11 +8,11 @@ from typing import Any
 
 from daisy import Block, Roi
 
-from pipeline.smoothing import median_filter, median_margin
+from pipeline.median_filter import median_filter, median_margin
+from pipeline.network.inputs import scale_input
+from pipeline.network.tta import TTAMode
 from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, to_output_dtype
-from pipeline.tta import TTAMode
 from pipeline.volumes import Volume, open_volume
-from workers.predictor import scale_input
 
 
 @dataclass(frozen=True)
