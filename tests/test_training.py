@@ -17,10 +17,6 @@ from pipeline.synthetic import generate_volume, write_volume_zarr
 from pipeline.training import load_train_config
 from pipeline.training.loop import lr_factor, train
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*train*.yaml")) + sorted(
-    (Path(__file__).resolve().parents[1] / "configs").glob("lucchi*.yaml")
-)
-
 
 def tiny_config(tmp_path: Path, **overrides: object) -> TrainConfig:
     """A tiny network on a tiny synthetic volume (generated on first use), fast on 2 cores."""
@@ -197,12 +193,6 @@ def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None
     with pytest.raises(GeometryError, match="outside the volume"):
         train(cfg)
     assert not (tmp_path / "run" / "train.csv").exists()
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_training_configs_validate(path: Path) -> None:
-    cfg = load_train_config(path)
-    assert cfg.data.volumes
 
 
 @pytest.mark.skipif(not LUCCHI.exists(), reason="Lucchi data absent (../shared/data/lucchi): a fresh clone")
