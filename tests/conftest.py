@@ -1,8 +1,10 @@
-"""Shared fixtures: small synthetic volumes and a tiny network checkpoint, all under tmp_path."""
+"""Shared fixtures: small synthetic volumes, a tiny network checkpoint (all under tmp_path) and a Dask client."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,3 +47,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, network_config=cfg, state_dict=net.state_dict(), patch_shape=(8, 32, 32))
     return path
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    """An in-process Dask client with two one-thread workers, shared by a module's tests (fast to start)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, Client(cluster) as c:
+        yield c

@@ -82,10 +82,9 @@ def driver(tmp_path: Path) -> Iterator[Any]:
         browser.quit()
 
 
-def _demo_outputs(out: Path) -> tuple[list[str], int]:
+def _demo_outputs(out: Path, client: Any) -> tuple[list[str], int]:
     """The demo's layout: its synthetic input (a plain zarr array), probabilities as OME-Zarr and precomputed,
     instances in both formats; outputs with pyramids, instances with meshes and segment properties."""
-    from distributed import Client
     from scipy import ndimage
 
     from pipeline.synthetic import generate_volume, write_volume_zarr
@@ -110,11 +109,10 @@ def _demo_outputs(out: Path) -> tuple[list[str], int]:
     for url in outputs[2:]:
         labels_meta = meta.derive(dtype=np.uint64, layer_type="segmentation")
         create_volume(url, labels_meta).write(meta.roi, labels[None].astype(np.uint64))
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
-        for url in outputs:
-            assert add_pyramid(client, url, min_chunks_across=1, progress=False).ok
-        for url in outputs[2:]:
-            assert add_meshes(client, url, progress=False).ok
+    for url in outputs:
+        assert add_pyramid(client, url, min_chunks_across=1, progress=False).ok
+    for url in outputs[2:]:
+        assert add_meshes(client, url, progress=False).ok
     urls = [str(out / "em.zarr" / "raw"), *outputs]
     return urls, int(count)
 
@@ -166,10 +164,10 @@ def _wait_until_loaded(driver: Any, segments: bool = True, timeout_s: float = 90
     pytest.fail(f"Neuroglancer did not finish loading in {timeout_s} s; last state: {state}")
 
 
-def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, tmp_path: Path) -> None:
+def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, client: Any, tmp_path: Path) -> None:
     from PIL import Image
 
-    urls, objects = _demo_outputs(tmp_path / "demo")
+    urls, objects = _demo_outputs(tmp_path / "demo", client)
     with _mitoseg_view(urls) as url:
         driver.get(url)
         state = _wait_until_loaded(driver)

@@ -70,15 +70,6 @@ def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
     return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
-    with cluster, Client(cluster) as c:
-        yield c
-
-
 def run(client, tmp: Path, source: str, block, name: str | None = None, **settings):
     """Run the stage and return (labels, result)."""
     output = str(tmp / f"{name or 'seg_' + '_'.join(map(str, block))}.zarr")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,6 @@ from pipeline.viewing.meshes import add_meshes, segment_properties
 from pipeline.volumes import VolumeMeta, create_volume
 
 SHAPE, CHUNKS, VOXEL_NM, OFFSET = (24, 40, 36), (8, 8, 8), (8.0, 4.0, 4.0), (1, 2, 3)
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    from distributed import Client
-
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
-        yield c
 
 
 def _labels() -> np.ndarray:

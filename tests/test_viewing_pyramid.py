@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,14 +9,6 @@ import pytest
 
 from pipeline.viewing.pyramid import Level, add_pyramid, downsample, pyramid_levels
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    from distributed import Client
-
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
-        yield c
 
 
 def test_levels_anisotropic_stop_at_few_chunks() -> None:
