@@ -17,6 +17,7 @@ from typing import Any
 from daisy import Block
 
 from pipeline.plan import BlockPlan, roi_key
+from pipeline.progress import Progress
 from pipeline.resume import DoneMarkers
 
 log = logging.getLogger(__name__)
@@ -75,38 +76,15 @@ def _run_and_mark(fn: BlockFn, block: Block, done: DoneMarkers | None) -> Any:
 
 @contextmanager
 def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar with blocks done/total, voxels/s and ETA; yields an `advance(blocks, voxels)` callable."""
-    if not enabled:
-        yield lambda blocks, voxels: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    start = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total, rate="")
+    """Blocks done/total, voxels/s and ETA (`pipeline.progress`); yields an `advance(blocks, voxels)` callable."""
+    with Progress(description, total, unit="blocks", enabled=enabled) as progress:
         voxel_total = 0
 
         def advance(blocks: int, voxels: int) -> None:
             nonlocal voxel_total
             voxel_total += voxels
-            rate = voxel_total / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=blocks, rate=f"{rate / 1e6:.3f} Mvox/s")
+            rate = voxel_total / max(progress.elapsed_s, 1e-9)
+            progress.update(advance=blocks, info=f"{rate / 1e6:.3f} Mvox/s")
 
         yield advance
 
