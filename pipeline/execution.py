@@ -12,11 +12,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from daisy import Block
 
-from pipeline.plan import BlockPlan, roi_key
+from pipeline.geometry import roi_key
+from pipeline.plan import BlockPlan
 from pipeline.progress import Progress
 from pipeline.resume import DoneMarkers
 
@@ -66,6 +67,21 @@ class RunResult:
         return self.voxels / self.seconds if self.seconds > 0 else 0.0
 
 
+class Completions(Protocol):
+    """Submitted futures, handed back as each finishes (the shape of distributed's `as_completed`)."""
+
+    def add(self, future: Any) -> None: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+def dask_completions() -> Completions:
+    """An empty `distributed.as_completed` queue: the completion source for a real Dask client."""
+    from distributed import as_completed
+
+    return as_completed()
+
+
 def _run_and_mark(fn: BlockFn, block: Block, done: DoneMarkers | None) -> Any:
     """Run one block on a worker and record it as done only after it returned."""
     result = fn(block)
@@ -101,14 +117,14 @@ def run_blockwise(
     description: str = "blocks",
     progress: bool = True,
     keep_results: bool = False,
+    completions: Callable[[], Completions] = dask_completions,
 ) -> RunResult:
     """Run `fn(block)` for every block of `plan` not yet recorded in `done`, on the Dask `client`.
 
     `fn` must be picklable and write its own output; its return value is kept only with `keep_results`
-    (for small per-block summaries). Failures are collected, never raised.
+    (for small per-block summaries). Failures are collected, never raised. `completions` makes the queue that
+    hands back finished futures; it comes with the client (a test's fake client brings its own).
     """
-    from distributed import as_completed
-
     start = time.perf_counter()
     result = RunResult(total=plan.num_blocks)
     done_ids = done.load() if done is not None else set()
@@ -116,7 +132,7 @@ def run_blockwise(
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         max_in_flight = 2 * workers + 2
     pending: dict[Any, Block] = {}
-    queue = as_completed()
+    queue = completions()
     blocks = plan.blocks()
     tag = done.key if done is not None else f"{time.time_ns():x}"
 

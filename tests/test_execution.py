@@ -1,0 +1,160 @@
+"""run_blockwise's scheduling on a fake client that runs tasks synchronously: no cluster, fast, deterministic."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daisy import Block
+
+from pipeline.execution import RunResult, run_blockwise
+from pipeline.plan import plan_blocks
+from pipeline.resume import DoneMarkers
+
+PLAN = plan_blocks((5, 8, 10), (2, 4, 4), (2, 4, 4))  # a 3 x 2 x 3 grid; the last row, column and slab are clipped
+ALL = set(range(18))
+LAST = "4,4,8:1,4,2"  # block 17's write region (offset:shape), clipped at the volume's end on every axis
+
+
+class FakeFuture:
+    """A task that runs, with Dask's retries, when the completion queue reaches it."""
+
+    def __init__(self, client: FakeClient, call: Callable[[], Any], retries: int):
+        self.client, self.call, self.retries = client, call, retries
+        self.status = "pending"
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        for _ in range(1 + self.retries):
+            try:
+                self.value, self.status = self.call(), "finished"
+                return
+            except Exception as err:
+                self.error, self.status = err, "error"
+
+    def result(self) -> Any:
+        return self.value
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    def release(self) -> None:
+        self.client.in_flight -= 1
+
+
+class FakeCompletions:
+    """Futures handed back one at a time, run on the way: oldest first, or newest first to finish out of order."""
+
+    def __init__(self, newest_first: bool):
+        self.queue: deque[FakeFuture] = deque()
+        self.newest_first = newest_first
+
+    def add(self, future: FakeFuture) -> None:
+        self.queue.append(future)
+
+    def __iter__(self) -> Iterator[FakeFuture]:
+        while self.queue:
+            future = self.queue.pop() if self.newest_first else self.queue.popleft()
+            future.run()
+            yield future
+
+
+class FakeClient:
+    """The part of a Dask client that run_blockwise uses, counting the futures held at once."""
+
+    def __init__(self, workers: int = 1, newest_first: bool = False):
+        self.workers, self.newest_first = workers, newest_first
+        self.in_flight = self.most_in_flight = 0
+        self.submitted: list[dict[str, Any]] = []
+
+    def scheduler_info(self) -> dict[str, Any]:
+        return {"workers": {f"worker-{i}": {} for i in range(self.workers)}}
+
+    def submit(self, func: Callable[..., Any], *args: Any, key: str, retries: int, resources: Any, pure: bool) -> Any:
+        self.submitted.append({"key": key, "retries": retries, "resources": resources, "pure": pure})
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return FakeFuture(self, lambda: func(*args), retries)
+
+    def completions(self) -> FakeCompletions:
+        return FakeCompletions(self.newest_first)
+
+
+class Blocks:
+    """A block function that counts its calls per block and fails a block its first `failures[id]` times."""
+
+    def __init__(self, failures: dict[int, int] | None = None):
+        self.failures = failures or {}
+        self.calls: Counter[int] = Counter()
+
+    def __call__(self, block: Block) -> int:
+        block_id = block.block_id[1]
+        self.calls[block_id] += 1
+        if self.calls[block_id] <= self.failures.get(block_id, 0):
+            raise RuntimeError(f"block {block_id} broke")
+        return 10 * block_id
+
+
+def run(client: FakeClient, fn: Blocks, **kwargs: Any) -> RunResult:
+    return run_blockwise(client, PLAN, fn, progress=False, completions=client.completions, **kwargs)
+
+
+@pytest.mark.parametrize(("workers", "max_in_flight", "bound"), [(1, 3, 3), (1, None, 4), (3, None, 8), (2, 50, 18)])
+def test_in_flight_futures_are_bounded(workers: int, max_in_flight: int | None, bound: int) -> None:
+    client = FakeClient(workers)
+    result = run(client, Blocks(), max_in_flight=max_in_flight)
+    assert client.most_in_flight == bound  # given, else two per worker plus two; never more than the blocks
+    assert client.in_flight == 0  # every future released
+    assert result.completed == result.total == len(client.submitted) == 18
+
+
+def test_a_failing_block_is_retried_then_reported_while_the_others_run() -> None:
+    fn = Blocks({4: 2, 17: 99})  # block 4 succeeds on its last retry, block 17 never does
+    result = run(FakeClient(), fn, retries=2, max_in_flight=2)
+    assert fn.calls[4] == fn.calls[17] == 3 and set(fn.calls) == ALL
+    assert (result.completed, result.skipped, result.failed, result.ok) == (17, 0, 1, False)
+    (failure,) = result.failures
+    assert (failure.block_id, failure.write_roi, failure.unit) == (17, LAST, "block")
+    assert failure.error == "RuntimeError: block 17 broke"
+    assert result.voxels == 5 * 8 * 10 - 1 * 4 * 2  # the failed block's voxels are not counted
+
+
+def test_no_retries_means_one_attempt() -> None:
+    fn = Blocks({4: 1})
+    result = run(FakeClient(), fn, retries=0)
+    assert fn.calls[4] == 1 and [f.block_id for f in result.failures] == [4]
+
+
+def test_done_records_skip_finished_blocks_and_a_rerun_does_only_the_rest(tmp_path: Path) -> None:
+    done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
+    done.mark(0)
+    done.mark(5)
+    fn = Blocks({17: 99})
+    first = run(FakeClient(), fn, done=done)
+    assert (first.completed, first.skipped, first.failed) == (15, 2, 1)
+    assert set(fn.calls) == ALL - {0, 5}
+    assert done.load() == ALL - {17}  # recorded only after the block returned
+
+    client, fn = FakeClient(), Blocks()
+    second = run(client, fn, done=done)
+    assert (second.completed, second.skipped, second.failed, second.ok) == (1, 17, 0, True)
+    assert set(fn.calls) == {17} and len(client.submitted) == 1
+    assert done.load() == ALL
+
+
+def test_run_result_counts_voxels_and_keeps_results_by_block_when_they_finish_out_of_order() -> None:
+    client = FakeClient(newest_first=True)
+    result = run(client, Blocks(), keep_results=True, retries=1, resources={"GPU": 1.0})
+    assert (result.total, result.completed, result.skipped, result.failed, result.ok) == (18, 18, 0, 0, True)
+    assert result.voxels == 5 * 8 * 10
+    assert result.results == {block_id: 10 * block_id for block_id in ALL}
+    assert all(s["resources"] == {"GPU": 1.0} and s["retries"] == 1 and s["pure"] is False for s in client.submitted)
+    assert len({s["key"] for s in client.submitted}) == 18  # one task key per block
+
+
+def test_results_are_not_kept_unless_asked() -> None:
+    assert run(FakeClient(), Blocks()).results == {}
