@@ -40,7 +40,7 @@ def main() -> None:
     from pipeline.evaluation import count
     from pipeline.median_filter import median_filter
     from pipeline.network.checkpoint import load_checkpoint
-    from pipeline.plan import parse_roi
+    from pipeline.geometry import parse_roi
     from pipeline.training.validate import ThresholdTuner, predict_volume
     from pipeline.volumes import open_volume
 

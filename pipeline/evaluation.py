@@ -6,16 +6,14 @@ by 255 or float in [0, 1]) or a label volume; in the truth any value > 0 is mito
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from daisy import Roi
 
 from pipeline.errors import GeometryError
-from pipeline.plan import parse_roi, roi_key
+from pipeline.geometry import Vec3, chunk_rois, parse_roi, roi_key
 from pipeline.volumes.base import Volume
 
 logger = logging.getLogger(__name__)
@@ -78,7 +76,7 @@ def binarise(values: np.ndarray, threshold: float, kind: str = "probability") ->
     return values >= threshold
 
 
-def prediction_kind(volume: Volume, chunks: tuple[int, int, int]) -> str:
+def prediction_kind(volume: Volume, chunks: Vec3) -> str:
     """'probability' or 'label' for a prediction volume.
 
     Floats are probabilities, integers other than uint8 are labels. uint8 is a probability map (x 255)
@@ -92,19 +90,10 @@ def prediction_kind(volume: Volume, chunks: tuple[int, int, int]) -> str:
         return "label"
     if "checkpoint_hash" in (volume.provenance or {}):
         return "probability"
-    for roi in chunk_rois(tuple(volume.meta.shape), chunks):
+    for roi in chunk_rois(volume.meta.roi, chunks):
         if volume.read(roi)[0].max() > 1:
             return "probability"
     return "label"
-
-
-def chunk_rois(shape: tuple[int, int, int], chunks: tuple[int, int, int], region: Roi | None = None) -> Iterator[Roi]:
-    """ROIs of the chunk grid (anchored at the volume origin) covering `region` (default the whole volume),
-    clipped to it."""
-    region = region or Roi((0, 0, 0), shape)
-    ranges = [range(b // c * c, e, c) for b, e, c in zip(region.begin, region.end, chunks, strict=True)]
-    for start in itertools.product(*ranges):
-        yield Roi(start, chunks).intersect(region)
 
 
 def evaluation_region(volume: Volume, roi: Roi | None) -> Roi:
@@ -112,7 +101,7 @@ def evaluation_region(volume: Volume, roi: Roi | None) -> Roi:
 
     Voxels outside the region a run predicted hold no prediction, so they must not count as misses.
     """
-    whole = Roi((0, 0, 0), tuple(volume.meta.shape))
+    whole = volume.meta.roi
     recorded = volume.provenance.get("roi") if isinstance(volume.provenance, dict) else None
     region = roi or (parse_roi(recorded) if isinstance(recorded, str) else whole)
     if not whole.contains(region):
@@ -135,7 +124,7 @@ def evaluate_semantic(
     threshold: float | None = None,
     *,
     kind: str = "auto",
-    chunks: tuple[int, int, int] | None = None,
+    chunks: Vec3 | None = None,
     roi: Roi | None = None,
 ) -> dict[str, float]:
     """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
@@ -160,7 +149,7 @@ def evaluate_semantic(
         kind = prediction_kind(pred_vol, grid)
     region = evaluation_region(pred_vol, roi)
     total = SemanticCounts()
-    for part in chunk_rois(tuple(pred_vol.meta.shape), grid, region):
+    for part in chunk_rois(region, grid):
         pred = binarise(pred_vol.read(part)[0], threshold, kind)
         total = total + count(pred, truth_vol.read(part)[0] > 0)
     return {**total.scores(), "threshold": float(threshold)}

@@ -15,28 +15,7 @@ import numpy as np
 from daisy import Block, Roi
 
 from pipeline.errors import GeometryError
-
-Vec3 = tuple[int, int, int]
-
-
-def parse_roi(text: str) -> Roi:
-    """A region from `OFFSET:SHAPE`, each three comma-separated voxel counts in (z, y, x)."""
-    try:
-        offset_text, shape_text = text.split(":")
-        offset = [int(v) for v in offset_text.split(",")]
-        shape = [int(v) for v in shape_text.split(",")]
-    except ValueError as err:
-        raise GeometryError(f"region {text!r} is not OFFSET:SHAPE such as 0,0,0:64,512,512 (z,y,x voxels)") from err
-    if len(offset) != 3 or len(shape) != 3 or any(s <= 0 for s in shape) or any(o < 0 for o in offset):
-        raise GeometryError(
-            f"region {text!r} needs three offsets >= 0 and three sizes > 0 in z,y,x, e.g. 0,0,0:64,512,512"
-        )
-    return Roi(offset, shape)
-
-
-def roi_key(roi: Roi) -> str:
-    """A stable text form of a region, for hashing and messages."""
-    return f"{','.join(map(str, roi.begin))}:{','.join(map(str, roi.shape))}"
+from pipeline.geometry import Vec3, cell_ranges, roi_key, whole_chunks
 
 
 @dataclass(frozen=True)
@@ -52,14 +31,12 @@ class BlockPlan:
     @property
     def grid_begin(self) -> Vec3:
         """Index of the first grid cell that meets the region."""
-        return tuple(b // s for b, s in zip(self.roi.begin, self.block_shape, strict=True))  # type: ignore[return-value]
+        return tuple(r.start for r in cell_ranges(self.roi, self.block_shape))  # type: ignore[return-value]
 
     @property
     def grid_shape(self) -> Vec3:
         """Number of blocks along (z, y, x)."""
-        return tuple(  # type: ignore[return-value]
-            -(-e // s) - g for e, s, g in zip(self.roi.end, self.block_shape, self.grid_begin, strict=True)
-        )
+        return tuple(len(r) for r in cell_ranges(self.roi, self.block_shape))  # type: ignore[return-value]
 
     @property
     def num_blocks(self) -> int:
@@ -106,7 +83,7 @@ def plan_blocks(
     if any(b <= 0 or b % c for b, c in zip(blocks, chunks, strict=True)):
         raise GeometryError(
             f"block shape {blocks} is not a whole number of output chunks {chunks} on every axis; "
-            f"use multiples such as {tuple(c * max(1, round(b / c)) for b, c in zip(blocks, chunks, strict=True))}"
+            f"use multiples such as {whole_chunks(blocks, chunks)}"
         )
     plan = BlockPlan(shape, roi, blocks, chunks, tuple(int(c) for c in context))  # type: ignore[arg-type]
     validate_write_rois((b.write_roi for b in plan.blocks()), chunks, shape)
@@ -119,14 +96,12 @@ def validate_write_rois(write_rois: Iterable[Roi], chunk_shape: Vec3, volume_sha
     A region may cover a chunk partly (at the volume or ROI border), but then it must be that chunk's only
     writer: concurrent partial writes to one chunk lose data.
     """
-    grid = tuple(-(-v // c) for v, c in zip(volume_shape, chunk_shape, strict=True))
+    grid = tuple(len(r) for r in cell_ranges(Roi((0, 0, 0), volume_shape), chunk_shape))
     owner = np.full(grid, -1, dtype=np.int64)
     count = 0
     for n, roi in enumerate(write_rois):
         count += 1
-        lo = [b // c for b, c in zip(roi.begin, chunk_shape, strict=True)]
-        hi = [-(-e // c) for e, c in zip(roi.end, chunk_shape, strict=True)]
-        cells = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        cells = tuple(slice(r.start, r.stop) for r in cell_ranges(roi, chunk_shape))
         taken = owner[cells]
         if (taken >= 0).any():
             other = int(taken[taken >= 0].flat[0])

@@ -16,7 +16,8 @@ import numpy as np
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, ModelLoadError, StorageError
 from pipeline.execution import RunResult, run_blockwise
-from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
+from pipeline.geometry import parse_roi, roi_key
+from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key
 from pipeline.stitching import PatchGrid
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, volume_exists

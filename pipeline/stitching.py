@@ -19,8 +19,8 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.errors import GeometryError
+from pipeline.geometry import Vec3
 
-Vec3 = tuple[int, int, int]
 Blending = Literal["gaussian", "bump", "constant"]
 
 

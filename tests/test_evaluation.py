@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.evaluate import evaluate
 from pipeline.errors import GeometryError
-from pipeline.evaluation import SemanticCounts, chunk_rois, count, evaluate_semantic
+from pipeline.evaluation import SemanticCounts, count, evaluate_semantic
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
 
@@ -87,19 +87,6 @@ def test_cli_prints_one_json_object(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--prediction", p_url, "--truth", t_url, "--threshold", "0.5", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"jaccard": 1.0, "dice": 1.0, "miou": 1.0, "threshold": 0.5}
-
-
-def test_chunk_rois_tile_a_region_once_along_the_chunk_grid() -> None:
-    region = Roi((1, 2, 0), (6, 5, 7))
-    parts = list(chunk_rois((8, 9, 9), (4, 3, 4), region))
-    covered = np.zeros((8, 9, 9), int)
-    for part in parts:
-        assert region.contains(part)
-        assert all(b // c == (e - 1) // c for b, e, c in zip(part.begin, part.end, (4, 3, 4), strict=True))
-        covered[part.to_slices()] += 1
-    expected = np.zeros_like(covered)
-    expected[region.to_slices()] = 1
-    np.testing.assert_array_equal(covered, expected)
 
 
 def test_only_the_region_counts_given_or_recorded_by_segment(tmp_path: Path) -> None:

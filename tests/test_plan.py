@@ -6,7 +6,7 @@ import pytest
 from daisy import Roi
 
 from pipeline.errors import GeometryError
-from pipeline.plan import parse_roi, plan_blocks, validate_write_rois
+from pipeline.plan import plan_blocks, validate_write_rois
 
 
 def test_blocks_tile_the_volume_on_the_chunk_grid() -> None:
@@ -47,13 +47,3 @@ def test_overlapping_or_unaligned_writes_are_refused() -> None:
         validate_write_rois([Roi((0, 0, 0), (4, 8, 8)), Roi((2, 0, 0), (4, 8, 8))], chunks, shape)
     with pytest.raises(GeometryError, match="shares output chunks"):  # disjoint voxels, but one chunk
         validate_write_rois([Roi((0, 0, 0), (3, 8, 8)), Roi((3, 0, 0), (5, 8, 8))], chunks, shape)
-
-
-@pytest.mark.parametrize("text", ["1,2:3,4,5", "a,b,c:1,1,1", "0,0,0:0,5,5", "0,0,0"])
-def test_parse_roi_errors(text: str) -> None:
-    with pytest.raises(GeometryError, match="OFFSET:SHAPE|offsets"):
-        parse_roi(text)
-
-
-def test_parse_roi() -> None:
-    assert parse_roi("1,2,3:4,5,6") == Roi((1, 2, 3), (4, 5, 6))

@@ -39,7 +39,7 @@ def evaluate(
 ) -> None:
     """Foreground IoU (Jaccard), Dice and mean IoU of a prediction against ground truth."""
     from pipeline.evaluation import evaluate_all
-    from pipeline.plan import parse_roi
+    from pipeline.geometry import parse_roi
 
     scores = evaluate_all(prediction, truth, threshold, kind.value, parse_roi(roi) if roi else None)
     if as_json:

@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config.instances import InstancesConfig
+from pipeline.geometry import Vec3
 from pipeline.network.tta import TTAMode
 
-Vec3 = tuple[int, int, int]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "network" / "checkpoints" / "lucchi.pt"

@@ -30,12 +30,13 @@ from daisy import Roi
 from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import ConfigError, GeometryError, StorageError
 from pipeline.execution import BlockFailure, RunResult, error_text, run_blockwise
+from pipeline.geometry import Vec3, parse_roi, roi_key, whole_chunks
 from pipeline.instances.fixup import Fixup, plan_fixups
 from pipeline.instances.ids import check_id_space, id_stride
 from pipeline.instances.measure import ObjectStats, object_table, write_table
 from pipeline.instances.merge import Merged, block_tables, merge_objects
 from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
-from pipeline.plan import BlockPlan, parse_roi, plan_blocks, roi_key
+from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key, state_location
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
 
@@ -107,11 +108,9 @@ def label_meta(meta: VolumeMeta, dtype: str) -> VolumeMeta:
     return meta.derive(dtype=np.dtype(dtype), num_channels=1, layer_type="segmentation")
 
 
-def block_shape_for(config: InstancesConfig, chunks: tuple[int, int, int]) -> tuple[int, int, int]:
+def block_shape_for(config: InstancesConfig, chunks: Vec3) -> Vec3:
     """The configured block, or the whole-chunk block nearest `DEFAULT_BLOCK`."""
-    if config.block_size is not None:
-        return config.block_size
-    return tuple(c * max(1, round(t / c)) for t, c in zip(DEFAULT_BLOCK, chunks, strict=True))  # type: ignore[return-value]
+    return config.block_size if config.block_size is not None else whole_chunks(DEFAULT_BLOCK, chunks)
 
 
 def _existing(url: str, meta: VolumeMeta) -> Volume | None:
@@ -191,7 +190,7 @@ class InstancesJob:
     output_url: str
     decode: DecodeConfig
     region: Roi
-    block_shape: tuple[int, int, int]
+    block_shape: Vec3
     plan: BlockPlan
     key: str
     state: str

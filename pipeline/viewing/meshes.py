@@ -21,13 +21,13 @@ from daisy import Block, Roi
 
 from pipeline.errors import ConfigError
 from pipeline.execution import RunResult, run_blockwise
+from pipeline.geometry import Vec3, whole_chunks
 from pipeline.plan import plan_blocks
 from pipeline.volumes import Volume, open_volume, parse_volume_url
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
 
 log = logging.getLogger(__name__)
 
-Vec3 = tuple[int, int, int]
 ZARR_COMPANION = "meshes"
 """Folder inside a zarr segmentation group that holds its precomputed meshes and segment properties."""
 DEFAULT_BLOCK_VOXELS: Vec3 = (128, 256, 256)
@@ -142,10 +142,6 @@ def segment_properties(
     }
 
 
-def _block_shape(chunks: Vec3) -> Vec3:
-    return tuple(c * max(1, round(t / c)) for c, t in zip(chunks, DEFAULT_BLOCK_VOXELS, strict=True))  # type: ignore[return-value]
-
-
 def add_meshes(
     client: Any,
     url: str,
@@ -179,7 +175,7 @@ def add_meshes(
         mesh_info["segment_properties"] = "segment_properties"
     files.put_json("info", mesh_info)
 
-    plan = plan_blocks(meta.shape, meta.chunks, block_shape or _block_shape(meta.chunks))
+    plan = plan_blocks(meta.shape, meta.chunks, block_shape or whole_chunks(DEFAULT_BLOCK_VOXELS, meta.chunks))
     parsed = str(parse_volume_url(url))
     task = MeshBlock(parsed, mesh_dir, reduction_factor, max_error_nm)
     run = run_blockwise(

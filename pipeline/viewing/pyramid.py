@@ -18,6 +18,7 @@ from daisy import Block, Roi
 
 from pipeline.errors import StorageError
 from pipeline.execution import RunResult, run_blockwise
+from pipeline.geometry import Vec3, whole_chunks
 from pipeline.plan import plan_blocks
 from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
@@ -25,7 +26,6 @@ from pipeline.volumes.zarr_volume import ZarrVolume, ome_multiscales_attrs
 
 log = logging.getLogger(__name__)
 
-Vec3 = tuple[int, int, int]
 Method = Literal["mean", "mode"]
 DEFAULT_BLOCK_VOXELS: Vec3 = (64, 128, 128)
 """Approximate (z, y, x) size of a write block of a level; rounded to whole chunks."""
@@ -120,10 +120,6 @@ def downsample(data: np.ndarray, factor: Vec3, method: Method, phase: Vec3 = (0,
     counts[~np.broadcast_to(valid, counts.shape)] = -1
     pick = np.argmax(counts, axis=-1)
     return np.take_along_axis(values, pick[..., None], axis=-1)[..., 0]
-
-
-def _block_shape(chunks: Vec3, target: Vec3 = DEFAULT_BLOCK_VOXELS) -> Vec3:
-    return tuple(c * max(1, round(t / c)) for c, t in zip(chunks, target, strict=True))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -234,7 +230,7 @@ def add_pyramid(
         _prepare_zarr(volume, levels)
     method: Method = "mode" if meta.layer_type == "segmentation" else "mean"
     for level in levels:
-        plan = plan_blocks(level.shape, meta.chunks, block_shape or _block_shape(meta.chunks))
+        plan = plan_blocks(level.shape, meta.chunks, block_shape or whole_chunks(DEFAULT_BLOCK_VOXELS, meta.chunks))
         run = run_blockwise(
             client,
             plan,

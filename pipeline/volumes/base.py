@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -11,9 +10,9 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.errors import BlockFailedError, GeometryError, StorageError
+from pipeline.geometry import Vec3, chunk_rois, roi_key
 from pipeline.volumes.url import VolumeURL
 
-Vec3 = tuple[int, int, int]
 LayerType = Literal["image", "segmentation"]
 
 
@@ -81,15 +80,11 @@ class Volume(ABC):
 
     def _failing_chunk(self, roi: Roi) -> str | None:
         """The first chunk of `roi` that cannot be read, as `offset:shape` (only on the error path)."""
-        chunks = self.meta.chunks
-        lo = [b // c for b, c in zip(roi.begin, chunks, strict=True)]
-        hi = [-(-e // c) for e, c in zip(roi.end, chunks, strict=True)]
-        for index in itertools.product(*(range(a, b) for a, b in zip(lo, hi, strict=True))):
-            cell = Roi([i * c for i, c in zip(index, chunks, strict=True)], chunks).intersect(self.meta.roi)
+        for cell in chunk_rois(roi, self.meta.chunks, within=self.meta.roi):
             try:
                 self._read(cell)
             except Exception:
-                return f"{','.join(map(str, cell.begin))}:{','.join(map(str, cell.shape))}"
+                return roi_key(cell)
         return None
 
     def write(self, roi: Roi, data: np.ndarray) -> None:
@@ -129,14 +124,3 @@ class Volume(ABC):
 
     @abstractmethod
     def _write(self, roi: Roi, data: np.ndarray) -> None: ...
-
-
-def as_zyx(values: Any, name: str) -> Vec3:
-    """Three integers (z, y, x) from a sequence, with an error naming the field otherwise."""
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise StorageError(f"{name} must be three integers (z, y, x), got {values!r}") from err
-    if len(out) != 3:
-        raise StorageError(f"{name} must be three integers (z, y, x), got {values!r}")
-    return out  # type: ignore[return-value]

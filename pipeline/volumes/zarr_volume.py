@@ -8,8 +8,9 @@ import numpy as np
 import zarr
 from daisy import Roi
 
-from pipeline.errors import StorageError
-from pipeline.volumes.base import Volume, VolumeMeta, as_zyx
+from pipeline.errors import GeometryError, StorageError
+from pipeline.geometry import as_zyx
+from pipeline.volumes.base import Volume, VolumeMeta
 from pipeline.volumes.url import VolumeURL
 
 PROVENANCE_KEY = "mitoseg"
@@ -148,7 +149,11 @@ class ZarrVolume(Volume):
         if scale_nm is None:
             res = [float(dict(zip(stored, res, strict=False))[a]) for a in SPATIAL]
         if "voxel_offset" in attrs:
-            by_axis = dict(zip(stored, as_zyx(attrs["voxel_offset"], f"{url} attribute voxel_offset"), strict=True))
+            try:
+                stored_offset = as_zyx(attrs["voxel_offset"], f"{url} attribute voxel_offset")
+            except GeometryError as err:  # a stored attribute that cannot be read: the volume cannot be opened
+                raise StorageError(str(err)) from err
+            by_axis = dict(zip(stored, stored_offset, strict=True))
             offset = tuple(by_axis[a] for a in SPATIAL)
         elif "offset" in attrs:
             by_axis = dict(zip(stored, attrs["offset"], strict=False))
