@@ -3,9 +3,9 @@
 Runs the real loop (`pipeline.training.loop.train`) with a config's network, patch shape, loss and augmentation on
 a synthetic volume (so it runs anywhere) for a few iterations per variant, and prints one table: device,
 batch, loader workers, precision, median patches/s over the logged intervals after the first (warm-up: cuDNN
-autotuning, worker start), and peak GPU memory. The speed goes into the checkpoint notes (models/NOTES.md).
+autotuning, worker start), and peak GPU memory. docs/benchmarks.md explains the table.
 
-    python benchmarks/train_speed.py --config configs/lucchi_ema.yaml --batch 1 8 --workers 0 6 \
+    python benchmarks/train_speed.py --config configs/lucchi.yaml --batch 1 8 --workers 0 6 \
         --precision bf16 fp32 --iterations 40
 """
 
@@ -67,7 +67,7 @@ def measure(cfg: TrainConfig) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/lucchi_ema.yaml", help="training config whose network is timed")
+    parser.add_argument("--config", default="configs/lucchi.yaml", help="training config whose network is timed")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--workers", type=int, nargs="+", default=[0])
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", "fp32"])

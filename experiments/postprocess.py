@@ -6,9 +6,9 @@ With `--margin`, it predicts N real slices above and below the region too (where
 reads context from the volume around its ROI; since the tile grid then starts N slices earlier, several margins
 show how much a score depends on where the tiles fall. Prints one table.
 
-    python benchmarks/postprocess.py                         # pipeline/network/checkpoints/lucchi.pt on the "lucchi-z130" validation slices
-    python benchmarks/postprocess.py --median 0 3 5 7 --tta none yx --checkpoint runs/x/best.pt
-    python benchmarks/postprocess.py --median 7 --margin 0 4 7 10            # tile-placement sensitivity
+    python experiments/postprocess.py               # the shipped lucchi.pt on the "lucchi-z130" validation slices
+    python experiments/postprocess.py --median 0 3 5 7 --tta none yx --checkpoint runs/x/best.pt
+    python experiments/postprocess.py --median 7 --margin 0 4 7 10            # tile-placement sensitivity
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ LUCCHI = ROOT.parent / "shared" / "data" / "lucchi" / "train.zarr"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "lucchi.pt"))
+    parser.add_argument("--checkpoint", default=str(ROOT / "pipeline" / "network" / "checkpoints" / "lucchi.pt"))
     parser.add_argument("--raw", default=str(LUCCHI / "raw"), help="raw volume URL")
     parser.add_argument("--label", default=str(LUCCHI / "label"), help="label volume URL (> 0 = mitochondrion)")
     parser.add_argument("--roi", default="130,0,0:35,768,1024", help="OFFSET:SHAPE to score (z,y,x voxels)")
@@ -38,9 +38,9 @@ def main() -> None:
     import torch
 
     from pipeline.evaluation import count
+    from pipeline.geometry import parse_roi
     from pipeline.median_filter import median_filter
     from pipeline.network.checkpoint import load_checkpoint
-    from pipeline.geometry import parse_roi
     from pipeline.training.validate import ThresholdTuner, predict_volume
     from pipeline.volumes import open_volume
 

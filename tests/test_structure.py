@@ -43,21 +43,10 @@ def config_models() -> dict[str, type]:
 
     models: dict[str, type] = {
         "demo.yaml": SegmentConfig,
-        "score_lucchi_heldout.yaml": SegmentConfig,
+        "score_lucchi_test.yaml": SegmentConfig,
         "demo_train.yaml": TrainConfig,
         "lucchi.yaml": TrainConfig,
-        "lucchi_finetune.yaml": TrainConfig,
-        "lucchi_ema.yaml": TrainConfig,
-        "lucchi_border.yaml": TrainConfig,
-        "lucchi_texture.yaml": TrainConfig,
         "lucchi_gpu.yaml": TrainConfig,
-        "lucchi_gpu_ft.yaml": TrainConfig,
-        "lucchi_gpu_soup_a.yaml": TrainConfig,
-        "lucchi_gpu_soup_b.yaml": TrainConfig,
-        "lucchi_gpu_soup_c.yaml": TrainConfig,
-        "lucchi_cpu_soup.yaml": TrainConfig,
-        "lucchi_cpu_soup2.yaml": TrainConfig,
-        "lucchi_gpu_b1.yaml": TrainConfig,
     }
     try:
         from pipeline.config.instances import InstancesConfig

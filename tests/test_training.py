@@ -221,7 +221,7 @@ def test_loader_workers_change_nothing_but_speed_and_snapshots_are_kept(tmp_path
 
 
 def test_time_budget_overrides_only_the_budget(tmp_path: Path) -> None:
-    path = Path(__file__).resolve().parents[1] / "configs" / "lucchi_ema.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "lucchi.yaml"
     plain, limited = load_train_config(path), load_train_config(path, time_budget=7.5)
     assert limited.optim.time_budget_minutes == 7.5 != plain.optim.time_budget_minutes
     assert limited.optim.model_copy(update={"time_budget_minutes": None}) == plain.optim.model_copy(

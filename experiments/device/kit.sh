@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Prepares, on the development machine, what benchmarks/device/run.sh needs on a lent GPU machine (no network
+# Prepares, on the development machine, what experiments/device/run.sh needs on a lent GPU machine (no network
 # there, 64 MiB per call): .whl/ with wheels (Python 3.12, the image's) of the packages training needs that its
 # image lacks, and .gpu/a, .gpu/b with the Lucchi volume in two xz parts. Both folders are kept out of git.
-#   bash benchmarks/device/kit.sh        then, on the device: call 1 carry [".whl", ".gpu/a"] `run.sh check`
+#   bash experiments/device/kit.sh        then, on the device: call 1 carry [".whl", ".gpu/a"] `run.sh check`
 #                                        (or just install and unpack a), call 2 carry [".gpu/b"] `run.sh finetune 7`;
 #                                        or one call carry [".whl", ".gpu/val", checkpoints] `run.sh score CKPT...`
 set -euo pipefail
@@ -20,7 +20,7 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
     daisy==2.0.0 funlib.geometry==0.3.0 dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 \
     tblib==3.2.2 tornado==6.6.1 zict==3.0.0
 DATA=${DATA:-../shared/data/lucchi/train.zarr}
-[ -f .gpu/a/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/a --z 0:70
-[ -f .gpu/b/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/b --z 70:165
-[ -f .gpu/val/part.json ] || $PY benchmarks/device/pack_volume.py pack "$DATA" .gpu/val --z 120:165
+[ -f .gpu/a/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/a --z 0:70
+[ -f .gpu/b/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/b --z 70:165
+[ -f .gpu/val/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/val --z 120:165
 du -sh .whl .gpu/a .gpu/b .gpu/val

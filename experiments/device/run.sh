@@ -2,16 +2,16 @@
 # What a lent GPU machine runs for mitoseg: a bare image with PyTorch and CUDA, no network, only this repository.
 # The repository travels with .whl/ (wheels of the dependencies the image lacks: pydantic, zarr, numcodecs,
 # daisy, dask, distributed, ...) and .gpu/<part> (z-slabs of the Lucchi volume made by pack_volume.py), both
-# ignored by git and made on the development machine by benchmarks/device/kit.sh. Results go to $OUT. Stages:
+# ignored by git and made on the development machine by experiments/device/kit.sh. Results go to $OUT. Stages:
 #   run.sh check            environment, unpack part a, the GPU tests, `segment` + `evaluate` on the GPU,
 #                           the training-speed table (benchmarks/train_speed.py)
-#   run.sh train MINUTES    unpack part b, then configs/lucchi_gpu.yaml and configs/lucchi_gpu_ft.yaml side by
+#   run.sh train MINUTES    unpack part b, then configs/lucchi_gpu.yaml and experiments/configs/lucchi_gpu_ft.yaml side by
 #                           side for MINUTES (no validation there: the held-out slab stays behind), and the
 #                           last checkpoint and last two snapshots of each, exported small, into $OUT
-#   run.sh finetune MINUTES unpack part b (the validation slab with it), then configs/lucchi_gpu_soup_{a,b,c}.yaml
+#   run.sh finetune MINUTES unpack part b (the validation slab with it), then experiments/configs/lucchi_gpu_soup_{a,b,c}.yaml
 #                           side by side for MINUTES, each validated on the GPU, and each run's best checkpoint,
 #                           exported small, into $OUT (to be averaged with pipeline/network/checkpoints/lucchi.pt where it is scored)
-#   run.sh soup MINUTES     unpack part b, then configs/lucchi_gpu_b1.yaml with seeds 41-46 side by side (batch 1,
+#   run.sh soup MINUTES     unpack part b, then experiments/configs/lucchi_gpu_b1.yaml with seeds 41-46 side by side (batch 1,
 #                           batch 2 for 45 and 46) for MINUTES, each run's best exported into $OUT; then two averages,
 #                           "cpu" (pipeline/network/checkpoints/lucchi.pt and /tmp/cpu_soup.pt, an export of runs/lucchi_cpu_soup/best.pt
 #                           carried in call 1) and "all" (those and each run whose best validation Jaccard is
@@ -30,9 +30,9 @@ if [ ! -f $SITE/.installed ]; then
         && touch $SITE/.installed || exit 1
 fi
 # The image lacks cloud-files (and its dependency tree); segment's done-records need only the shim's three calls.
-export PYTHONPATH=$SITE:$PWD/benchmarks/device/shim:$PWD
+export PYTHONPATH=$SITE:$PWD/experiments/device/shim:$PWD
 DATA=../shared/data/lucchi/train.zarr
-unpack() { python3 benchmarks/device/pack_volume.py unpack ".gpu/$1" $DATA && echo "unpacked part $1 into $DATA"; }
+unpack() { python3 experiments/device/pack_volume.py unpack ".gpu/$1" $DATA && echo "unpacked part $1 into $DATA"; }
 
 # Export the checkpoints named (those that exist) small into $OUT as <run folder>_<name>.pt.
 export_small() {
@@ -59,7 +59,7 @@ check() {
         --output /tmp/mitoseg-pred.zarr/probs --workers 2 2>&1 | grep -v " INFO " | tail -5
     python3 -m pipeline evaluate --prediction /tmp/mitoseg-pred.zarr/probs --truth $DATA/label --json
     echo "== training speed"
-    python3 benchmarks/train_speed.py --config configs/lucchi_gpu_ft.yaml --batch 1 8 --workers 0 6 \
+    python3 benchmarks/train_speed.py --config experiments/configs/lucchi_gpu_ft.yaml --batch 1 8 --workers 0 6 \
         --iterations 40 2>&1 | grep -v " INFO " | tail -8
     python3 benchmarks/train_speed.py --config configs/lucchi_gpu.yaml --batch 8 --workers 6 \
         --precision bf16 fp32 --iterations 40 2>&1 | grep -v " INFO " | tail -6
@@ -72,7 +72,8 @@ train() {
         python3 - "$name" <<'EOF'
 import sys, yaml
 name = sys.argv[1]
-cfg = yaml.safe_load(open(f"configs/{name}.yaml"))
+folder = "configs" if name == "lucchi_gpu" else "experiments/configs"
+cfg = yaml.safe_load(open(f"{folder}/{name}.yaml"))
 for volume in cfg["data"]["volumes"]:
     volume["validation"] = None
 yaml.safe_dump(cfg, open(f"/tmp/{name}.yaml", "w"))
@@ -93,7 +94,7 @@ finetune() {
     local minutes=$1
     unpack b
     for v in a b c; do
-        timeout $((minutes * 60 + 120)) python3 -m pipeline train configs/lucchi_gpu_soup_$v.yaml \
+        timeout $((minutes * 60 + 120)) python3 -m pipeline train experiments/configs/lucchi_gpu_soup_$v.yaml \
             --time-budget "$minutes" > "runs_soup_$v.log" 2>&1 &
     done
     wait
@@ -109,7 +110,7 @@ soup() {
         python3 - "$seed" <<'EOF'
 import sys, yaml
 seed = int(sys.argv[1])
-cfg = yaml.safe_load(open("configs/lucchi_gpu_b1.yaml"))
+cfg = yaml.safe_load(open("experiments/configs/lucchi_gpu_b1.yaml"))
 cfg.update(seed=seed, output_dir=f"runs/lucchi_gpu_b1_s{seed}")
 cfg["data"]["batch_size"] = 2 if seed >= 45 else 1
 yaml.safe_dump(cfg, open(f"/tmp/b1_s{seed}.yaml", "w"))

@@ -1,6 +1,6 @@
 """A stand-in for cloud-files on the lent GPU machine, whose image lacks cloud-files' large dependency tree (boto3,
 google-cloud-storage, pathos, ...): the three calls `segment`'s done-records make (pipeline/resume.py), for local
-paths only. benchmarks/device/run.sh puts it on PYTHONPATH there; nothing else uses it.
+paths only. experiments/device/run.sh puts it on PYTHONPATH there; nothing else uses it.
 """
 
 from __future__ import annotations
