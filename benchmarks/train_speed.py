@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config import load_config  # noqa: E402
 from pipeline.config.train import DataConfig, TrainConfig  # noqa: E402
-from pipeline.training import load_train_config  # noqa: E402
 from pipeline.training.loop import train  # noqa: E402
 
 LOG_EVERY = 5
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["bf16", "fp32"])
     parser.add_argument("--iterations", type=int, default=30, help="iterations per variant (at least 3 logs)")
     args = parser.parse_args()
-    base = load_train_config(Path(args.config))
+    base = load_config(TrainConfig, Path(args.config))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

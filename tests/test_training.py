@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import LUCCHI
 
+from pipeline.config import load_config
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError, GeometryError
 from pipeline.network.checkpoint import load_checkpoint
 from pipeline.synthetic import generate_volume, write_volume_zarr
-from pipeline.training import load_train_config
 from pipeline.training.loop import lr_factor, train
 
 
@@ -182,7 +182,7 @@ def test_bad_config_is_a_config_error_naming_the_field(tmp_path: Path, text: str
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=pattern):
-        load_train_config(path)
+        load_config(TrainConfig, path)
 
 
 def test_region_outside_the_volume_fails_before_any_step(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_lucchi_config_names_matching_volumes_and_a_disjoint_split(monkeypatch: 
     from pipeline.training.data import open_pair
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    cfg = load_train_config("configs/lucchi.yaml")
+    cfg = load_config(TrainConfig, "configs/lucchi.yaml")
     for source in cfg.data.volumes:
         raw, _ = open_pair(source.raw, source.label)
         assert raw.meta.shape == (165, 768, 1024)
@@ -222,14 +222,14 @@ def test_loader_workers_change_nothing_but_speed_and_snapshots_are_kept(tmp_path
 
 def test_time_budget_overrides_only_the_budget(tmp_path: Path) -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / "lucchi.yaml"
-    plain, limited = load_train_config(path), load_train_config(path, time_budget=7.5)
+    plain, limited = load_config(TrainConfig, path), load_config(TrainConfig, path, {"optim.time_budget_minutes": 7.5})
     assert limited.optim.time_budget_minutes == 7.5 != plain.optim.time_budget_minutes
     assert limited.optim.model_copy(update={"time_budget_minutes": None}) == plain.optim.model_copy(
         update={"time_budget_minutes": None}
     )
     (tmp_path / "bad.yaml").write_text("data: {volumes: [{raw: a, label: b}]}\n")
     with pytest.raises(ConfigError, match="optim.time_budget_minutes"):
-        load_train_config(tmp_path / "bad.yaml", time_budget=-1)
+        load_config(TrainConfig, tmp_path / "bad.yaml", {"optim.time_budget_minutes": -1})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -25,11 +25,13 @@ def train(
     ] = None,
 ) -> None:
     """Train the segmentation network (one process, or under torchrun with DDP)."""
-    from pipeline.training import load_train_config
+    from pipeline.config import load_config
+    from pipeline.config.train import TrainConfig
     from pipeline.training.loop import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_train_config(config, output=output, time_budget=time_budget)
+    overrides = {"output_dir": str(output) if output else None, "optim.time_budget_minutes": time_budget}
+    cfg = load_config(TrainConfig, config, overrides)
     result = run_training(cfg, resume=resume, max_iterations=max_iterations)
     best = f"{result.best_jaccard:.4f}" if result.best_jaccard is not None else "n/a"
     typer.echo(

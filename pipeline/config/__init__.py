@@ -42,10 +42,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> M:
-    """Validate a job from an optional YAML file with command-line `overrides` (None values are ignored)."""
+    """Validate a job from an optional YAML file with command-line `overrides` (None values are ignored; a dotted
+    key such as `optim.time_budget_minutes` sets a field of a section, keeping the section's other fields)."""
     data = read_yaml(path) if path is not None else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     source = str(path) if path is not None else "command-line options"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            *sections, name = key.split(".")
+            section = data
+            for part in sections:
+                section = section.setdefault(part, {})
+                if not isinstance(section, dict):
+                    raise ConfigError(f"invalid configuration in {source}: {part} must be a mapping of fields")
+            section[name] = value
     try:
         return model.model_validate(data)
     except ValidationError as err:
