@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config.segment import SegmentConfig
-from pipeline.errors import ConfigError, ModelLoadError, StorageError
+from pipeline.errors import ConfigError, StorageError
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.geometry import parse_roi, roi_key
 from pipeline.plan import BlockPlan, plan_blocks
@@ -109,12 +109,10 @@ def _prepare_output(url: str, meta: VolumeMeta, resume: bool) -> Volume:
 
 def prepare(config: SegmentConfig) -> SegmentRun:
     """Check everything that can be checked before any work, create outputs, and plan the blocks."""
+    from pipeline.network.checkpoint import resolve_checkpoint
     from workers.predict_block import PredictJob
 
-    if not config.checkpoint.is_file():
-        raise ModelLoadError(
-            f"checkpoint {config.checkpoint} does not exist; pass --checkpoint PATH to a trained network"
-        )
+    config = config.model_copy(update={"checkpoint": resolve_checkpoint(config.checkpoint)})  # a name -> its file
     source = open_volume(config.input, scale=config.input_scale)
     check_input(source)
     net = network_info(str(config.checkpoint))

@@ -10,7 +10,15 @@ from conftest import LUCCHI
 
 from pipeline.config.network import NetworkConfig
 from pipeline.errors import ModelLoadError
-from pipeline.network.checkpoint import average_checkpoints, export_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.network.checkpoint import (
+    average_checkpoints,
+    checkpoint_info,
+    export_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    shipped_checkpoints,
+)
 from pipeline.network.model import build_network
 
 MODELS = Path(__file__).resolve().parents[1] / "pipeline" / "network" / "checkpoints"
@@ -90,6 +98,46 @@ def test_export_records_a_threshold_tuned_elsewhere(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.pt").exists()
 
 
+def test_shipped_names_resolve_to_the_packaged_files_and_paths_stay_paths(tmp_path: Path) -> None:
+    assert shipped_checkpoints() == {"demo": MODELS / "demo.pt", "lucchi": MODELS / "lucchi.pt"}
+    assert resolve_checkpoint("lucchi") == MODELS / "lucchi.pt"
+    assert load_checkpoint("demo").content_hash == load_checkpoint(MODELS / "demo.pt").content_hash
+    _save(tmp_path / "c.pt")
+    assert resolve_checkpoint(tmp_path / "c.pt") == tmp_path / "c.pt"
+    assert resolve_checkpoint(str(tmp_path / "c.pt")) == tmp_path / "c.pt"
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        ("lucchy", r"no shipped checkpoint is named 'lucchy': the shipped ones are demo, lucchi"),
+        ("runs/missing.pt", r"checkpoint runs/missing.pt does not exist: .* a shipped one by name \(demo, lucchi\)"),
+        ("missing.pt", r"checkpoint missing.pt does not exist"),
+    ],
+)
+def test_an_unknown_name_or_missing_path_lists_the_shipped_names(value: str, pattern: str) -> None:
+    with pytest.raises(ModelLoadError, match=pattern):
+        resolve_checkpoint(value)
+
+
+def test_info_summarises_network_recommendations_and_training(tmp_path: Path) -> None:
+    net, digest = _save(
+        tmp_path / "c.pt", threshold=0.7, patch_shape=[8, 32, 32], median_size=5, metadata={"step": 3, "split": "s"}
+    )
+    info = checkpoint_info(tmp_path / "c.pt")
+    assert info["content_hash"] == digest and info["architecture"] == "resunet"
+    assert info["parameters"] == sum(p.numel() for n, p in net.named_parameters() if not n.startswith("projection."))
+    assert (info["threshold"], info["median_size"], info["patch_shape"]) == (0.7, 5, [8, 32, 32])
+    assert info["training"] == {"step": 3, "split": "s"} and info["out_channels"] == 2
+
+
+def test_export_refuses_an_even_median(tmp_path: Path) -> None:
+    _save(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="median size 4 .* give an odd size"):
+        export_checkpoint(tmp_path / "c.pt", tmp_path / "bad.pt", median_size=4)
+    assert not (tmp_path / "bad.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("damage", "pattern"),
     [
@@ -123,7 +171,8 @@ def test_bad_files_raise_model_load_error_naming_the_file(tmp_path: Path, damage
 
 @pytest.mark.skipif(not LUCCHI.exists(), reason="Lucchi data absent (../shared/data/lucchi): a fresh clone")
 def test_shipped_lucchi_network_segments_held_out_real_data() -> None:
-    """pipeline/network/checkpoints/lucchi.pt on a corner of the held-out slices (z 130..146), with its stored threshold and median."""
+    """The shipped lucchi checkpoint on a corner of the held-out slices (z 130..146), with its stored threshold and
+    median."""
     import zarr
 
     from pipeline.training.validate import score_checkpoint

@@ -20,7 +20,6 @@ def test_demo_job_segments_synthetic_mitochondria(tmp_path: Path) -> None:
     data = tmp_path / "demo"
     job["input"] = f"{data}/em.zarr/raw"
     job["output"] = [f"{data}/prediction.zarr/probs", f"precomputed://{data}/prediction_precomputed"]
-    job["checkpoint"] = str(ROOT / job["checkpoint"])
     job["synthetic"].update({"shape": [32, 192, 192], "seed": 11, "truth": f"{data}/em.zarr/label"})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
 

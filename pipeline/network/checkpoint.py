@@ -23,6 +23,35 @@ from pipeline.errors import ModelLoadError
 FORMAT = "mitoseg-checkpoint"
 VERSION = 1
 _TRAINING_ONLY = ("projection.",)
+SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """The checkpoints that ship with mitoseg (package data), by name: `lucchi` is checkpoints/lucchi.pt."""
+    return {path.stem: path for path in sorted(SHIPPED_DIR.glob("*.pt"))}
+
+
+def resolve_checkpoint(value: str | Path) -> Path:
+    """The file a checkpoint value names: a shipped checkpoint's name (`lucchi`, `demo`), or else a path.
+
+    Raises ModelLoadError, listing the shipped names, when neither names an existing file.
+    """
+    shipped = shipped_checkpoints()
+    if str(value) in shipped:
+        return shipped[str(value)]
+    path = Path(value)
+    if path.is_file():
+        return path
+    names = ", ".join(shipped) or "none"
+    if len(path.parts) == 1 and not path.suffix:
+        raise ModelLoadError(
+            f"no shipped checkpoint is named {str(value)!r}: the shipped ones are {names}; "
+            "or give the path to a checkpoint file (.pt)"
+        )
+    raise ModelLoadError(
+        f"checkpoint {path} does not exist: pass the path to a checkpoint written by `mitoseg train`, "
+        f"or a shipped one by name ({names})"
+    )
 
 
 def _inference_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -84,11 +113,10 @@ class LoadedCheckpoint:
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
-    """The raw stored dict (used by resume); raises ModelLoadError when unreadable."""
-    path = Path(path)
-    hint = "pass a checkpoint written by `mitoseg train` (e.g. pipeline/network/checkpoints/demo.pt)"
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist: {hint}")
+    """The raw stored dict of a checkpoint path or shipped name (used by resume); raises ModelLoadError when
+    unreadable."""
+    path = resolve_checkpoint(path)
+    hint = f"pass a checkpoint written by `mitoseg train` or a shipped one ({', '.join(shipped_checkpoints())})"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -104,10 +132,11 @@ def read_payload(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the network of a checkpoint in eval mode on `device`, without its projection head."""
+    """Rebuild the network of a checkpoint (path or shipped name) in eval mode on `device`, without its projection
+    head."""
     from pipeline.network.model import build_network
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     payload = read_payload(path)
     try:
         cfg = NetworkConfig.model_validate_json(payload["network_config"])
@@ -153,13 +182,37 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     )
 
 
+def checkpoint_info(value: str | Path) -> dict[str, Any]:
+    """What a checkpoint (path or shipped name) holds, as JSON-able facts: network, recommendations, training."""
+    path = resolve_checkpoint(value)
+    loaded = load_checkpoint(path)
+    meta = loaded.metadata
+    training = {k: meta[k] for k in ("step", "split", "scores", "world_size", "voxel_size_nm") if k in meta}
+    if "train_config" in meta:
+        training["train_config"] = meta["train_config"].get("name")
+    if "weight_average_of" in meta:
+        training["weight_average_of"] = [source.get("content_hash") for source in meta["weight_average_of"]]
+    return {
+        "path": str(path),
+        "architecture": loaded.network_config.architecture,
+        "parameters": sum(p.numel() for p in loaded.network.parameters()),
+        "content_hash": loaded.content_hash,
+        "threshold": loaded.threshold,
+        "median_size": loaded.median_size,
+        "patch_shape": list(loaded.patch_shape),
+        "out_channels": loaded.network_config.out_channels,
+        "network_config": loaded.network_config.model_dump(mode="json"),
+        "training": training,
+    }
+
+
 def export_checkpoint(
     source: str | Path, target: str | Path, median_size: int | None = None, threshold: float | None = None
 ) -> str:
     """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
 
     `median_size` records the median filter `segment` applies by default and `threshold` the decision threshold
-    (measure both with benchmarks/postprocess.py, e.g. for a run trained where its validation data was not);
+    (measure both with experiments/postprocess.py, e.g. for a run trained where its validation data was not);
     None keeps the source's. Neither changes the content hash, which covers config and weights.
     """
     return average_checkpoints([source], target, median_size=median_size, threshold=threshold)
@@ -183,6 +236,8 @@ def average_checkpoints(
         raise ValueError(f"no checkpoints to write into {target}: give at least one source")
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
+    if median_size is not None and (median_size < 0 or median_size % 2 == 0 and median_size):
+        raise ValueError(f"median size {median_size} for {target}: give an odd size (a centre voxel), or 0 for none")
     payloads = [read_payload(source) for source in sources]
     cfg = NetworkConfig.model_validate_json(payloads[0]["network_config"])
     for source, payload in zip(sources[1:], payloads[1:], strict=True):
