@@ -13,8 +13,6 @@ from pipeline.network.tta import TTAMode
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "network" / "checkpoints" / "lucchi.pt"
-
 
 class SyntheticInput(BaseModel):
     """A synthetic EM-like volume generated when the input is absent (the offline demo)."""
@@ -36,7 +34,11 @@ class SegmentConfig(BaseModel):
     output: list[str] = Field(
         min_length=1, description="Output volume URL(s); every block is written to each (e.g. zarr and precomputed)."
     )
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Trained network checkpoint (.pt).")
+    checkpoint: str | Path = Field(
+        "lucchi",
+        description="Trained network: a shipped checkpoint's name (lucchi, demo; see `mitoseg checkpoint info`) or "
+        "the path to a checkpoint file (.pt).",
+    )
     input_scale: int = Field(0, ge=0, description="Scale level to read from an OME-Zarr multiscale input.")
     roi: str | None = Field(None, description="Region OFFSET:SHAPE in z,y,x voxels; the whole volume when absent.")
     block_size: Vec3 = Field((64, 256, 256), description="Write block (z, y, x) in voxels; whole output chunks.")

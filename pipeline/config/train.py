@@ -175,7 +175,9 @@ class TrainConfig(BaseModel):
     mixed_precision: bool = Field(True, description="bf16 autocast on a GPU; always off on CPU.")
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="The network to train.")
     init_from: str | None = Field(
-        None, description="Checkpoint whose weights start a fresh schedule (fine-tuning); not used by --resume."
+        None,
+        description="Checkpoint (path or shipped name, e.g. lucchi) whose weights start a fresh schedule "
+        "(fine-tuning); not used by --resume.",
     )
     data: DataConfig = Field(description="Training and validation data.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")
