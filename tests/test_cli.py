@@ -15,6 +15,8 @@ from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
 from pipeline.volumes import open_volume
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def mitoseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
@@ -102,3 +104,58 @@ def test_segment_command_end_to_end(tmp_path: Path, tiny_checkpoint: Path) -> No
     assert "segment: 0 block(s) computed, 1 skipped" in again.stdout
     denser = mitoseg(*args, "--overlap", "0.75,0.25,0.25")  # another tile grid: the block is computed again
     assert denser.returncode == 0 and "segment: 1 block(s) computed" in denser.stdout, denser.stderr
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    out = mitoseg("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mitoseg {version('mitoseg')}"
+
+
+def test_examples_are_listed_with_their_purpose_and_copied_without_overwriting(tmp_path: Path) -> None:
+    listed = mitoseg("examples")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert names == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) and "demo" in names
+    assert "The offline demo" in listed.stdout
+    copied = mitoseg("examples", "demo", "--to", str(tmp_path / "jobs"))
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "jobs" / "demo.yaml").read_text() == (ROOT / "configs" / "demo.yaml").read_text()
+    (tmp_path / "jobs" / "demo.yaml").write_text("mine\n")
+    again = mitoseg("examples", "demo.yaml", cwd=tmp_path / "jobs")
+    assert again.returncode == 2 and "demo.yaml already exist(s); pass --force" in again.stderr
+    every = mitoseg("examples", "--to", str(tmp_path / "jobs"))
+    assert every.returncode == 2 and (tmp_path / "jobs" / "demo.yaml").read_text() == "mine\n"
+    assert not (tmp_path / "jobs" / "instances.yaml").exists()  # refused before copying anything
+    forced = mitoseg("examples", "--to", str(tmp_path / "jobs"), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.stem for p in (tmp_path / "jobs").glob("*.yaml")) == names
+    assert (tmp_path / "jobs" / "demo.yaml").read_text() != "mine\n"
+    unknown = mitoseg("examples", "dmeo")
+    assert unknown.returncode == 2 and "no example is named 'dmeo'; the examples are demo" in unknown.stderr
+
+
+def test_checkpoint_commands_inspect_export_and_average(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import json
+
+    from pipeline.network.checkpoint import load_checkpoint
+
+    info = mitoseg("checkpoint", "info", str(tiny_checkpoint), "--json")
+    assert info.returncode == 0, info.stderr
+    facts = json.loads(info.stdout)
+    digest = load_checkpoint(tiny_checkpoint).content_hash
+    assert facts["content_hash"] == digest and facts["patch_shape"] == [8, 32, 32]
+    table = mitoseg("checkpoint", "info", str(tiny_checkpoint))
+    assert table.returncode == 0 and f"content_hash    {digest}" in table.stdout
+    exported = mitoseg("checkpoint", "export", str(tiny_checkpoint), str(tmp_path / "e.pt"), "--median", "5")
+    assert exported.returncode == 0 and digest in exported.stdout, exported.stderr
+    assert load_checkpoint(tmp_path / "e.pt").median_size == 5
+    soup = tmp_path / "soup.pt"
+    averaged = mitoseg("checkpoint", "average", str(tiny_checkpoint), str(tmp_path / "e.pt"), "--output", str(soup))
+    assert averaged.returncode == 0 and "the average of 2 checkpoint(s)" in averaged.stdout, averaged.stderr
+    assert load_checkpoint(soup).content_hash == digest  # the mean of two identical networks is that network
+    bad = mitoseg("checkpoint", "average", str(tiny_checkpoint), "--output", str(soup), "--threshold", "1.5")
+    assert bad.returncode == 2 and "strictly between 0 and 1" in bad.stderr
+    unknown = mitoseg("checkpoint", "info", "lucchy")
+    assert unknown.returncode == 2 and "the shipped ones are demo, lucchi" in unknown.stderr

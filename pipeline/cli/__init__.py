@@ -19,8 +19,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mitoseg {version('mitoseg')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    _version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(
@@ -35,7 +48,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 
 def _register() -> None:
+    from pipeline.cli.checkpoint import app as checkpoint
     from pipeline.cli.evaluate import evaluate
+    from pipeline.cli.examples import examples
     from pipeline.cli.instances import instances
     from pipeline.cli.segment import segment
     from pipeline.cli.train import train
@@ -47,8 +62,10 @@ def _register() -> None:
         ("train", train),
         ("evaluate", evaluate),
         ("view", view),
+        ("examples", examples),
     ):
         app.command(name)(command)
+    app.add_typer(checkpoint)
 
 
 _register()
