@@ -1,4 +1,5 @@
-"""Synthetic EM-like volumes with known mitochondria ground truth (pure numpy/scipy, seeded).
+"""Synthetic EM-like volumes with known mitochondria ground truth (pure numpy/scipy, seeded), and writing them
+where a job (the demo's segment input, a training volume) expects a volume that is absent.
 
 Mitochondria are ellipsoids and bent tubes: a dark outer membrane around a mid-grey matrix with darker
 cristae stripes. Distractors that are NOT labelled: cell membranes (thin dark sheets), vesicles (small
@@ -8,12 +9,22 @@ dark rings), ER-like dark spots and dense lysosome-like blobs. Then blur and noi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
+if TYPE_CHECKING:
+    from pipeline.config.segment import SegmentConfig
+    from pipeline.config.synthetic import SyntheticVolume
+    from pipeline.config.train import DataConfig
+
 logger = logging.getLogger(__name__)
+
+TRAINING_CHUNKS = (32, 128, 128)
+"""Chunks (z, y, x voxels) of generated training volumes."""
 
 _BACKGROUND = 160.0
 _MATRIX = 105.0
@@ -175,7 +186,7 @@ def write_volume_zarr(
     label: np.ndarray,
     *,
     resolution_nm: tuple[float, float, float] = (5.0, 5.0, 5.0),
-    chunks: tuple[int, int, int] = (32, 128, 128),
+    chunks: tuple[int, int, int] = TRAINING_CHUNKS,
     zarr_format: int = 2,
 ) -> None:
     """Write raw and label as arrays `raw` and `label` of a zarr group, with Lucchi-style attributes."""
@@ -192,3 +203,42 @@ def write_volume_zarr(
         )
         arr[...] = data
         arr.attrs.update({"resolution_nm": [float(r) for r in resolution_nm], "axes": ["z", "y", "x"]})
+
+
+def write_synthetic(spec: SyntheticVolume, raw_url: str, label_url: str | None, chunks: Iterable[int]) -> None:
+    """Generate `spec`'s volume and write its EM image (uint8) to `raw_url` and its mitochondria mask to
+    `label_url` (when given), as new volumes chunked by `chunks` (clipped to the shape)."""
+    from pipeline.volumes import VolumeMeta, create_volume
+
+    raw, label = generate_volume(spec.shape, seed=spec.seed)
+    clipped = tuple(min(c, s) for c, s in zip(chunks, spec.shape, strict=True))
+    meta = VolumeMeta(shape=spec.shape, dtype=np.dtype(np.uint8), chunks=clipped, voxel_size_nm=spec.voxel_size_nm)  # type: ignore[arg-type]
+    create_volume(raw_url, meta).write(meta.roi, raw[None])
+    if label_url:
+        create_volume(label_url, meta.derive(layer_type="segmentation")).write(meta.roi, label[None])
+
+
+def ensure_synthetic_input(config: SegmentConfig) -> bool:
+    """Generate a segment job's synthetic input (and truth) when it asks for one and the input is absent; True if
+    generated."""
+    from pipeline.volumes import volume_exists
+
+    spec = config.synthetic
+    if spec is None or volume_exists(config.input):
+        return False
+    logger.info(
+        "input %s is absent: generating a synthetic EM volume %s (seed %d)", config.input, spec.shape, spec.seed
+    )
+    write_synthetic(spec, config.input, spec.truth, config.chunk_size)
+    return True
+
+
+def ensure_synthetic_training_data(cfg: DataConfig) -> None:
+    """Generate the synthetic volumes a training config asks for when their raw or label volume is absent."""
+    from pipeline.volumes import volume_exists
+
+    for source in cfg.volumes:
+        if source.synthetic is None or (volume_exists(source.raw) and volume_exists(source.label)):
+            continue
+        logger.info("generating synthetic volume %s (seed %d)", source.raw, source.synthetic.seed)
+        write_synthetic(source.synthetic, source.raw, source.label, TRAINING_CHUNKS)

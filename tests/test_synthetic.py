@@ -1,13 +1,16 @@
-"""Synthetic EM-like volumes: deterministic, labelled, dark mitochondria, zarr output."""
+"""Synthetic EM-like volumes: deterministic, labelled, dark mitochondria, zarr output, written where absent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
-from pipeline.synthetic import generate_volume, write_volume_zarr
+from pipeline.config.train import DataConfig
+from pipeline.synthetic import ensure_synthetic_training_data, generate_volume, write_volume_zarr
+from pipeline.volumes import create_volume, open_volume
 
 
 def test_same_seed_same_volume_other_seed_other_volume() -> None:
@@ -41,3 +44,21 @@ def test_zarr_group_has_raw_label_and_lucchi_style_attributes(tmp_path: Path) ->
     assert np.array_equal(group["raw"][...], raw) and np.array_equal(group["label"][...], label)
     assert group["raw"].attrs["resolution_nm"] == [8.0, 4.0, 4.0]
     assert group["label"].attrs["axes"] == ["z", "y", "x"]
+
+
+def test_training_volumes_are_written_once_where_absent(tmp_path: Path) -> None:
+    source = {"raw": f"{tmp_path}/s.zarr/raw", "label": f"{tmp_path}/s.zarr/label"}
+    cfg = DataConfig.model_validate({"volumes": [{**source, "synthetic": {"shape": [8, 32, 32], "seed": 2}}]})
+    ensure_synthetic_training_data(cfg)
+    raw, label = generate_volume((8, 32, 32), seed=2)
+    written = open_volume(source["raw"])
+    assert np.array_equal(written.read(written.meta.roi)[0], raw)
+    assert np.array_equal(open_volume(source["label"]).read(written.meta.roi)[0], label)
+    create_volume(source["raw"], written.meta)  # replaced by an empty volume: present, all zeros
+    ensure_synthetic_training_data(cfg)  # present: left as it is
+    assert not open_volume(source["raw"]).read(written.meta.roi).any()
+
+
+def test_a_training_volume_has_no_separate_truth() -> None:
+    with pytest.raises(ValueError, match="labels are written to `label`"):
+        DataConfig.model_validate({"volumes": [{"raw": "a", "label": "b", "synthetic": {"truth": "c"}}]})

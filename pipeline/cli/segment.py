@@ -69,7 +69,7 @@ def segment(
     from pipeline.config.instances import InstancesConfig
     from pipeline.config.segment import SegmentConfig
     from pipeline.segment import segment as run_segment
-    from pipeline.synthetic_input import ensure_synthetic_input
+    from pipeline.synthetic import ensure_synthetic_input
     from pipeline.viewing import view_command
 
     overrides = {

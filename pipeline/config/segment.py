@@ -8,21 +8,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.config.instances import InstancesConfig
+from pipeline.config.synthetic import SyntheticVolume
 from pipeline.geometry import Vec3
 from pipeline.network.tta import TTAMode
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class SyntheticInput(BaseModel):
-    """A synthetic EM-like volume generated when the input is absent (the offline demo)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shape: Vec3 = Field((64, 256, 256), description="Volume shape (z, y, x) in voxels.")
-    seed: int = Field(0, description="Random seed; the same seed gives the same volume.")
-    truth: str | None = Field(None, description="Where to write the ground-truth labels (volume URL).")
-    voxel_size_nm: tuple[float, float, float] = Field((5.0, 5.0, 5.0), description="Voxel size (z, y, x) in nm.")
 
 
 class SegmentConfig(BaseModel):
@@ -81,7 +71,7 @@ class SegmentConfig(BaseModel):
         description="Decode instances right after segment; its input defaults to the first output, its roi to "
         "this roi.",
     )
-    synthetic: SyntheticInput | None = Field(
+    synthetic: SyntheticVolume | None = Field(
         None, description="Generate a synthetic input (and truth) here when the input does not exist."
     )
 

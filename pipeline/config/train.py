@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config.network import NetworkConfig
+from pipeline.config.synthetic import SyntheticVolume
 
 
 class Region(BaseModel):
@@ -27,15 +28,6 @@ class Region(BaseModel):
         return self
 
 
-class SyntheticSpec(BaseModel):
-    """Generate a synthetic volume (pipeline.synthetic) at the source's paths when they are absent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shape: tuple[int, int, int] = Field((64, 256, 256), description="Volume shape (z, y, x) in voxels.")
-    seed: int = Field(0, description="Generator seed; another seed gives another volume.")
-
-
 class VolumeSource(BaseModel):
     """One raw volume with its label volume and the regions used for training and validation."""
 
@@ -45,9 +37,15 @@ class VolumeSource(BaseModel):
     label: str = Field(description="URL or local path of the label volume; any value > 0 is mitochondrion.")
     train: Region | None = Field(default_factory=Region, description="Region trained on; None = not used.")
     validation: Region | None = Field(None, description="Held-out region for validation; None = none.")
-    synthetic: SyntheticSpec | None = Field(
-        None, description="If set and the volumes are absent, generate them (raw/label must be local zarr paths)."
+    synthetic: SyntheticVolume | None = Field(
+        None, description="If set and the volumes are absent, generate them: the EM image at raw, its mask at label."
     )
+
+    @model_validator(mode="after")
+    def _labels_go_to_label(self) -> VolumeSource:
+        if self.synthetic is not None and self.synthetic.truth is not None:
+            raise ValueError("synthetic.truth is for segment jobs: a training volume's labels are written to `label`")
+        return self
 
 
 class DataConfig(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from daisy import Roi
@@ -53,26 +52,6 @@ def open_pair(raw_url: str, label_url: str) -> tuple[object, object]:
     if np.dtype(raw.meta.dtype) != np.uint8:
         raise ConfigError(f"raw volume {raw_url} holds {raw.meta.dtype}; training expects uint8 EM data")
     return raw, label
-
-
-def ensure_synthetic(cfg: DataConfig) -> None:
-    """Generate the synthetic volumes a config asks for when their zarr group is missing."""
-    from pipeline.synthetic import generate_volume, write_volume_zarr
-
-    for source in cfg.volumes:
-        if source.synthetic is None:
-            continue
-        raw_path, label_path = Path(source.raw), Path(source.label)
-        if raw_path.parent != label_path.parent or raw_path.parent.suffix != ".zarr":
-            raise ConfigError(
-                f"synthetic volumes need raw and label in one local zarr group (e.g. x.zarr/raw and "
-                f"x.zarr/label), got {source.raw} and {source.label}"
-            )
-        if raw_path.exists() and label_path.exists():
-            continue
-        logger.info("generating synthetic volume %s (seed %d)", raw_path.parent, source.synthetic.seed)
-        raw, label = generate_volume(source.synthetic.shape, source.synthetic.seed)
-        write_volume_zarr(raw_path.parent, raw, label)
 
 
 def load_regions(cfg: DataConfig, which: str) -> list[LabelledRegion]:

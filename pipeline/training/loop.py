@@ -23,8 +23,9 @@ from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.network.checkpoint import read_payload, save_checkpoint
 from pipeline.network.model import ResUNet, build_network
+from pipeline.synthetic import ensure_synthetic_training_data
 from pipeline.training import distributed
-from pipeline.training.data import LabelledRegion, PatchSampler, ensure_synthetic, load_regions
+from pipeline.training.data import LabelledRegion, PatchSampler, load_regions
 from pipeline.training.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
 from pipeline.training.prefetch import BatchPrefetcher
 from pipeline.training.sampling import sample_points
@@ -238,7 +239,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
     last_path, best_path = out / "last.pt", out / "best.pt"
     # every check that can fail happens before the first step
     if info.is_main:
-        ensure_synthetic(cfg.data)
+        ensure_synthetic_training_data(cfg.data)
     distributed.barrier(info)
     train_regions = load_regions(cfg.data, "train")
     val_regions = load_regions(cfg.data, "validation") if info.is_main else []
