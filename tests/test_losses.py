@@ -71,7 +71,7 @@ def test_contrastive_warmup_ramps_linearly() -> None:
 def test_gradients_reach_backbone_and_projection_head() -> None:
     from pipeline.config.train import TrainConfig
     from pipeline.network.model import build_network
-    from pipeline.training.loop import TrainStep, compute_loss
+    from pipeline.training.step import TrainStep, compute_loss
 
     torch.manual_seed(0)
     net_cfg = NetworkConfig(widths=[4, 8], embedding_dim=8)

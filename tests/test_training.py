@@ -15,7 +15,8 @@ from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError, GeometryError
 from pipeline.network.checkpoint import load_checkpoint
 from pipeline.synthetic import generate_volume, write_volume_zarr
-from pipeline.training.loop import lr_factor, train
+from pipeline.training.loop import train
+from pipeline.training.schedule import lr_factor
 
 
 def tiny_config(tmp_path: Path, **overrides: object) -> TrainConfig:
@@ -127,7 +128,7 @@ def test_weight_average_is_checkpointed_and_resumes_exactly(tmp_path: Path) -> N
 
 def test_weight_average_is_an_exponential_moving_average() -> None:
     from pipeline.network.model import build_network
-    from pipeline.training.loop import make_average
+    from pipeline.training.schedule import make_average
 
     cfg = tiny_config(Path("unused"), optim={"ema_decay": 0.75})
     network = build_network(cfg.network)

@@ -1,35 +1,37 @@
-"""The training loop: DDP-aware, seeded, checkpointing, validation with threshold tuning, metrics."""
+"""The training loop: set-up and resume, one step, validation and checkpoints, on one rank or many (DDP).
+
+What a step computes is in `step.py`, the lr schedule, optimizer and weight average in `schedule.py`, the metric
+files in `metrics.py` and validation in `validate.py`; this module runs them in order and keeps the run's state.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config.network import NetworkConfig
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.network.checkpoint import read_payload, save_checkpoint
 from pipeline.network.model import ResUNet, build_network
-from pipeline.synthetic import ensure_synthetic_training_data
+from pipeline.progress import Progress
 from pipeline.training import distributed
-from pipeline.training.data import LabelledRegion, PatchSampler, load_regions
-from pipeline.training.losses import balanced_bce_dice, consistency_loss, contrastive_weight, similarity_loss
+from pipeline.training.data import LabelledRegion, PatchSampler, ensure_synthetic, load_regions
+from pipeline.training.metrics import MetricsLog
 from pipeline.training.prefetch import BatchPrefetcher
-from pipeline.training.sampling import sample_points
-from pipeline.training.validate import ThresholdTuner, predict_volume
+from pipeline.training.schedule import lr_factor, make_average, make_optimizer, schedule_progress
+from pipeline.training.step import TrainStep, compute_loss
+from pipeline.training.validate import validate
 
 logger = logging.getLogger(__name__)
 
@@ -47,179 +49,6 @@ class TrainResult:
     """The moving average of the weights (`optim.ema_decay`), which validation and checkpoints use."""
 
 
-class TrainStep(nn.Module):
-    """Network + point sampling + projection of the sampled points, as one module for DDP."""
-
-    def __init__(self, network: ResUNet, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.network = network
-        self.cfg = cfg
-
-    def forward(
-        self, raw: torch.Tensor, label: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        logits, features = self.network.forward_features(raw)
-        loss_cfg = self.cfg.loss
-        if (loss_cfg.lambda_sim == 0 and loss_cfg.lambda_con == 0) or self.network.projection is None:
-            return logits, None
-        points = sample_points(torch.sigmoid(logits[:, 0].detach().float()), label, loss_cfg.sampling, generator)
-        if len(points) > loss_cfg.max_points:
-            keep = torch.randperm(len(points), generator=generator, device=label.device)[: loss_cfg.max_points]
-            points = type(points)(*(t[keep] for t in (points.n, points.z, points.y, points.x, points.label)))
-        depth = label.shape[1]
-        nz = torch.where(points.z + 1 < depth, points.z + 1, points.z - 1).clamp(min=0)
-        anchor_feat = features[points.n, :, points.z, points.y, points.x]
-        neighbour_feat = features[points.n, :, nz, points.y, points.x]
-        embedded = self.network.project(torch.cat([anchor_feat, neighbour_feat]).float())
-        m = len(points)
-        return logits, {
-            "anchor": embedded[:m],
-            "neighbour": embedded[m:],
-            "label": points.label,
-            "neighbour_label": (label[points.n, nz, points.y, points.x] > 0).long(),
-        }
-
-
-def contour_target(label: torch.Tensor, width: int) -> torch.Tensor:
-    """In-plane boundary band of a (B, Z, Y, X) mask: voxels whose (2w+1)^2 neighbourhood is mixed."""
-    x = label.float()[:, None]
-    k = (1, 2 * width + 1, 2 * width + 1)
-    pad = (0, width, width)
-    dilated = F.max_pool3d(x, k, stride=1, padding=pad)
-    eroded = -F.max_pool3d(-x, k, stride=1, padding=pad)
-    return (dilated - eroded)[:, 0]
-
-
-def compute_loss(
-    logits: torch.Tensor, extra: dict[str, torch.Tensor] | None, label: torch.Tensor, cfg: TrainConfig, step: int
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its terms: seg (BCE + Dice per head), sim and con (ramped by the warm-up)."""
-    lc = cfg.loss
-    logits = logits.float()
-    seg = balanced_bce_dice(logits[:, 0], label, class_balance=lc.class_balance, dice_weight=lc.dice_weight)
-    if logits.shape[1] > 1:
-        seg = seg + lc.contour_weight * balanced_bce_dice(
-            logits[:, 1],
-            contour_target(label, lc.contour_width),
-            class_balance=lc.class_balance,
-            dice_weight=lc.dice_weight,
-        )
-    total = seg
-    terms = {"seg": float(seg.detach())}
-    if extra is not None:
-        ramp = contrastive_weight(step, lc)
-        sim = similarity_loss(extra["anchor"], extra["label"], lc.temperature)
-        con = consistency_loss(
-            extra["anchor"], extra["label"], extra["neighbour"], extra["neighbour_label"], lc.temperature
-        )
-        total = total + ramp * (lc.lambda_sim * sim + lc.lambda_con * con)
-        terms.update(sim=float(sim.detach()), con=float(con.detach()))
-    terms["loss"] = float(total.detach())
-    return total, terms
-
-
-def schedule_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
-    """Fraction of the schedule done: by iterations, or by the wall-clock budget if that is further."""
-    oc = cfg.optim
-    progress = (step - oc.warmup_iterations) / max(1, oc.iterations - oc.warmup_iterations)
-    if oc.time_budget_minutes is not None:
-        progress = max(progress, elapsed_s / (60 * oc.time_budget_minutes))
-    return min(1.0, max(0.0, progress))
-
-
-def lr_factor(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warm-up then cosine decay to min_lr, as a factor of the peak lr."""
-    oc = cfg.optim
-    if step < oc.warmup_iterations:
-        return (step + 1) / oc.warmup_iterations
-    progress = schedule_progress(step, elapsed_s, cfg)
-    floor = oc.min_lr / oc.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    oc = cfg.optim
-    if oc.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=oc.lr, momentum=0.9, weight_decay=oc.weight_decay)
-    cls = torch.optim.AdamW if oc.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=oc.lr, weight_decay=oc.weight_decay)
-
-
-def make_average(network: ResUNet, cfg: TrainConfig) -> AveragedModel | None:
-    """The moving average of `network` that validation and checkpoints use, or None when `ema_decay` is off."""
-    if cfg.optim.ema_decay is None:
-        return None
-    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def validate(
-    network: ResUNet, regions: list[LabelledRegion], cfg: TrainConfig, device: torch.device
-) -> tuple[float, dict[str, float]]:
-    """Tuned threshold and scores (jaccard, dice, miou) over all validation regions."""
-    was_training = network.training
-    network.eval()
-    tuner = ThresholdTuner()
-    for region in regions:
-        prob = predict_volume(network, region.raw, cfg.val_patch_shape, network.context, cfg.val_overlap, device)
-        tuner.update(prob[0], region.label)
-    network.train(was_training)
-    threshold, counts = tuner.best()
-    return threshold, {**counts.scores(), "jaccard@0.5": tuner.counts(0.5).jaccard}
-
-
-class MetricsLog:
-    """CSV files (train.csv, val.csv) and TensorBoard events under the run folder (rank 0 only)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(folder / "tb"))
-        except ImportError:  # tensorboard is optional for the loop; CSV always works
-            logger.warning("tensorboard not installed: metrics go to CSV only")
-
-    def write(self, name: str, step: int, values: dict[str, float]) -> None:
-        path = self.folder / f"{name}.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(["step", *values])
-            writer.writerow([step, *(f"{v:.6g}" for v in values.values())])
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{name}/{key}", value, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _progress(total: int, start: int, enabled: bool) -> tuple:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-        transient=False,
-    )
-    task = progress.add_task("train", total=total, completed=start, info="")
-    return progress, task
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, max_iterations: int | None = None) -> TrainResult:
     """Train (or resume) the network of `cfg`; returns the last step, best score and checkpoint paths.
 
@@ -232,18 +61,41 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_iterations: int | None 
         distributed.teardown(info)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (each rank passes its own seed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_iterations: int | None) -> TrainResult:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.output_dir)
-    last_path, best_path = out / "last.pt", out / "best.pt"
     # every check that can fail happens before the first step
     if info.is_main:
-        ensure_synthetic_training_data(cfg.data)
+        ensure_synthetic(cfg.data)
     distributed.barrier(info)
     train_regions = load_regions(cfg.data, "train")
     val_regions = load_regions(cfg.data, "validation") if info.is_main else []
     sampler = PatchSampler(train_regions, cfg.data, cfg.augment)
+    payload, init = _read_start(cfg, resume)
+    run = _Run(cfg, info, payload, init, val_regions, max_iterations)
+    progress = Progress("train", run.stop, completed=run.step, unit="steps", enabled=info.is_main)
+    finished = run.begin()
+    prefetcher = BatchPrefetcher(sampler, cfg.seed, info.rank, cfg.data.batch_size, cfg.data.loader_workers)
+    with progress, prefetcher:
+        while not finished:
+            terms = run.train_step(prefetcher)
+            finished = run.done()
+            if info.is_main and (run.step % cfg.log_every == 0 or finished):
+                run.log(terms, progress)
+            run.validate_and_checkpoint(finished)
+    return run.finish()
+
+
+def _read_start(cfg: TrainConfig, resume: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The checkpoint to resume from (`last.pt`) and the one to start from (`init_from`), each checked to fit."""
+    last_path = Path(cfg.output_dir) / "last.pt"
     payload = None
     if resume:
         if not last_path.exists():
@@ -252,14 +104,16 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
         saved = json.loads(payload["metadata"])["train_config"]
         if saved.get("network") != cfg.network.model_dump(mode="json"):
             raise ConfigError(f"{last_path} was trained with another network config; resume needs the same one")
-
     init = read_payload(cfg.init_from) if cfg.init_from and payload is None else None
     if init is not None and NetworkConfig.model_validate_json(init["network_config"]) != cfg.network:
         raise ConfigError(f"init_from {cfg.init_from} holds another network than this config's network section")
+    return payload, init
 
+
+def _start_network(cfg: TrainConfig, info: distributed.DistInfo, init: dict[str, Any] | None) -> ResUNet:
+    """A freshly seeded network on this rank's device, with `init_from`'s weights when given."""
     seed_everything(cfg.seed + info.rank)
     network = build_network(cfg.network).to(info.device)
-    step, best, best_threshold = 0, None, 0.5
     if init is not None:
         missing, unexpected = network.load_state_dict(init["state_dict"], strict=False)
         if unexpected or any(not k.startswith("projection.") for k in missing):
@@ -267,134 +121,186 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
                 f"init_from {cfg.init_from} does not fit the network: missing {missing}, extra {unexpected}"
             )
         logger.info("starting from the weights of %s (step %s)", cfg.init_from, init.get("step"))
-    average = make_average(network, cfg)
-    if payload is not None:
+    return network
+
+
+def _parallel(module: TrainStep, cfg: TrainConfig, info: distributed.DistInfo) -> nn.Module:
+    """`module` itself on one rank, wrapped in DistributedDataParallel on several."""
+    if not info.distributed:
+        return module
+    no_contrastive = cfg.loss.lambda_sim == 0 and cfg.loss.lambda_con == 0
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+        find_unused_parameters=no_contrastive,  # without contrastive terms the projection head gets no gradient
+    )
+
+
+class _Run:
+    """One run's state across steps: network, weight average, optimizer, step, best score and the schedule's clock."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: distributed.DistInfo,
+        payload: dict[str, Any] | None,
+        init: dict[str, Any] | None,
+        val_regions: list[LabelledRegion],
+        max_iterations: int | None,
+    ) -> None:
+        self.cfg, self.info, self.val_regions = cfg, info, val_regions
+        self.out = Path(cfg.output_dir)
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
+        self.network = _start_network(cfg, info, init)
+        self.step, self.best_threshold = 0, 0.5
+        self.best: float | None = None
+        self.average = make_average(self.network, cfg)
+        if payload is not None:
+            self._restore_weights(payload)
+        self.evaluated = self.network if self.average is None else cast(ResUNet, self.average.module)
+        self.module = _parallel(TrainStep(self.network, cfg), cfg, info)
+        self.optimizer = make_optimizer(list(self.network.parameters()), cfg)
+        self.elapsed_before = 0.0
+        if payload is not None:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.elapsed_before = float(payload["scheduler"]["elapsed_s"])
+        self.started = time.perf_counter()
+        self.now_elapsed = self.elapsed_before
+        self.stop = min(cfg.optim.iterations, max_iterations or cfg.optim.iterations)
+        self.use_amp = cfg.mixed_precision and info.device.type == "cuda"
+        self.metrics = MetricsLog(self.out) if info.is_main else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+            logger.info(
+                "training %s from step %d to %d on %s x%d", cfg.name, self.step, self.stop, info.device, info.world_size
+            )
+        self.last_scores: dict[str, float] | None = None
+        self.tick, self.seen = time.perf_counter(), 0
+
+    def _restore_weights(self, payload: dict[str, Any]) -> None:
+        """Weights, weight average, step and best score of the run being resumed."""
         # with an average, "state_dict" holds the average (what inference loads) and "train_state_dict" the weights
-        network.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
-        step = int(payload["step"])
-        best = payload.get("best_jaccard")
-        best_threshold = float(payload.get("threshold", 0.5))
-        if average is not None:
+        self.network.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
+        self.step = int(payload["step"])
+        self.best = payload.get("best_jaccard")
+        self.best_threshold = float(payload.get("threshold", 0.5))
+        if self.average is not None:
             if "train_state_dict" not in payload:
-                raise ConfigError(f"{last_path} was trained without ema_decay; resume needs the same optim section")
-            average.module.load_state_dict(payload["state_dict"])
-            average.n_averaged.fill_(max(step, 1))
-    evaluated = network if average is None else average.module
-    module = TrainStep(network, cfg)
-    if info.distributed:
-        no_contrastive = cfg.loss.lambda_sim == 0 and cfg.loss.lambda_con == 0
-        module = nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=no_contrastive,
-        )
-    optimizer = make_optimizer(list(network.parameters()), cfg)
-    elapsed_before = 0.0
-    if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        elapsed_before = float(payload["scheduler"]["elapsed_s"])
-    started = time.perf_counter()
+                raise ConfigError(
+                    f"{self.last_path} was trained without ema_decay; resume needs the same optim section"
+                )
+            self.average.module.load_state_dict(payload["state_dict"])
+            self.average.n_averaged.fill_(max(self.step, 1))
 
-    def elapsed() -> float:
+    def begin(self) -> bool:
+        """Put the network in training mode and start the throughput clock; True if the schedule is already done."""
+        self.network.train()
+        self.tick, self.seen = time.perf_counter(), 0
+        return self.done()
+
+    def elapsed(self) -> float:
         """Training wall time over all runs of this schedule, agreed by all ranks."""
-        return float(distributed.broadcast_object(elapsed_before + time.perf_counter() - started, info))
+        elapsed = self.elapsed_before + time.perf_counter() - self.started
+        return cast(float, distributed.broadcast_object(elapsed, self.info))
 
-    stop = min(cfg.optim.iterations, max_iterations or cfg.optim.iterations)
-    use_amp = cfg.mixed_precision and info.device.type == "cuda"
-    metrics = MetricsLog(out) if info.is_main else None
-    out.mkdir(parents=True, exist_ok=True)
-    if info.is_main:
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-        logger.info("training %s from step %d to %d on %s x%d", cfg.name, step, stop, info.device, info.world_size)
+    def done(self) -> bool:
+        """Whether the schedule (iterations, `max_iterations` or the time budget) has ended."""
+        cfg = self.cfg
+        return self.step >= self.stop or (
+            self.step > cfg.optim.warmup_iterations and schedule_progress(self.step, self.now_elapsed, cfg) >= 1
+        )
 
-    def checkpoint(path: Path, threshold: float, scores: dict[str, float] | None) -> None:
+    def train_step(self, prefetcher: BatchPrefetcher) -> dict[str, float]:
+        """One optimisation step on this step's batch; returns the loss terms."""
+        cfg, info = self.cfg, self.info
+        self.now_elapsed = self.elapsed()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(self.step, cfg, self.now_elapsed)
+        generator_seed, raw_np, label_np = prefetcher.batch(self.step)
+        gen = torch.Generator(device=info.device).manual_seed(generator_seed)
+        raw = torch.from_numpy(raw_np).to(info.device)
+        label = torch.from_numpy(label_np).to(info.device)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            logits, extra = self.module(raw, label, gen)
+        loss, terms = compute_loss(logits, extra, label, cfg, self.step)
+        if not math.isfinite(terms["loss"]):
+            raise FloatingPointError(f"loss became {terms['loss']} at step {self.step}: lower optim.lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.network.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.average is not None:
+            self.average.update_parameters(self.network)
+        self.step += 1
+        self.seen += cfg.data.batch_size * info.world_size
+        self.now_elapsed = self.elapsed()
+        return terms
+
+    def log(self, terms: dict[str, float], progress: Progress) -> None:
+        """A train.csv row (loss terms, lr, throughput since the last row) and the progress line (rank 0)."""
+        now = time.perf_counter()
+        terms.update(lr=self.optimizer.param_groups[0]["lr"], patches_per_s=self.seen / max(now - self.tick, 1e-9))
+        self.tick, self.seen = now, 0
+        if self.metrics is not None:
+            self.metrics.write("train", self.step, terms)
+        progress.update(completed=self.step, info=" ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+
+    def validate_and_checkpoint(self, finished: bool) -> None:
+        """Agree batch-norm statistics over ranks, validate and write checkpoints at the steps the config names."""
+        cfg, info, step = self.cfg, self.info, self.step
+        snapshot = cfg.snapshot_every is not None and step % cfg.snapshot_every == 0
+        if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished or snapshot:
+            distributed.average_buffers(self.network, info)
+            if self.average is not None:  # its batch-norm statistics follow each rank's own batches
+                distributed.average_buffers(self.evaluated, info)
+        if self.val_regions and (step % cfg.val_every == 0 or finished):
+            threshold, scores = validate(self.evaluated, self.val_regions, cfg, info.device)
+            self.last_scores = {**scores, "threshold": threshold}
+            if self.metrics is not None:
+                self.metrics.write("val", step, self.last_scores)
+            logger.info("validation at step %d: %s", step, json.dumps(self.last_scores))
+            if self.best is None or scores["jaccard"] > self.best:
+                self.best, self.best_threshold = scores["jaccard"], threshold
+                self.save(self.best_path, threshold, self.last_scores)
+        if info.is_main and (step % cfg.checkpoint_every == 0 or finished):
+            self.save(self.last_path, self.best_threshold, self.last_scores)
+        if info.is_main and snapshot:
+            self.save(self.out / f"step_{step:07d}.pt", self.best_threshold, self.last_scores)
+        if step % cfg.checkpoint_every == 0:
+            distributed.barrier(info)
+
+    def save(self, path: Path, threshold: float, scores: dict[str, float] | None) -> None:
+        """A checkpoint: the weights inference loads, plus all that resuming needs."""
+        cfg = self.cfg
         metadata = {
             "train_config": cfg.model_dump(mode="json"),
-            "step": step,
+            "step": self.step,
             "scores": scores,
             "split": cfg.data.split_name,
-            "world_size": info.world_size,
-            "weight_average": None if average is None else {"ema_decay": cfg.optim.ema_decay},
+            "world_size": self.info.world_size,
+            "weight_average": None if self.average is None else {"ema_decay": cfg.optim.ema_decay},
         }
-        extra = {} if average is None else {"train_state_dict": network.state_dict()}
+        extra = {} if self.average is None else {"train_state_dict": self.network.state_dict()}
         save_checkpoint(
             path,
             network_config=cfg.network,
-            state_dict=evaluated.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler={"step": step, "elapsed_s": now_elapsed},
-            step=step,
+            state_dict=self.evaluated.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler={"step": self.step, "elapsed_s": self.now_elapsed},
+            step=self.step,
             threshold=threshold,
             patch_shape=list(cfg.val_patch_shape),
-            best_jaccard=best,
+            best_jaccard=self.best,
             metadata=metadata,
             **extra,
         )
 
-    progress, task = _progress(stop, step, info.is_main and sys.stderr.isatty())
-    network.train()
-    tick, seen, last_scores = time.perf_counter(), 0, None
-    now_elapsed = elapsed_before
-
-    def done() -> bool:
-        return step >= stop or (step > cfg.optim.warmup_iterations and schedule_progress(step, now_elapsed, cfg) >= 1)
-
-    finished = done()
-    prefetcher = BatchPrefetcher(sampler, cfg.seed, info.rank, cfg.data.batch_size, cfg.data.loader_workers)
-    with progress, prefetcher:
-        while not finished:
-            now_elapsed = elapsed()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * lr_factor(step, cfg, now_elapsed)
-            generator_seed, raw_np, label_np = prefetcher.batch(step)
-            gen = torch.Generator(device=info.device).manual_seed(generator_seed)
-            raw = torch.from_numpy(raw_np).to(info.device)
-            label = torch.from_numpy(label_np).to(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits, extra = module(raw, label, gen)
-            loss, terms = compute_loss(logits, extra, label, cfg, step)
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(f"loss became {terms['loss']} at step {step}: lower optim.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(network.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            if average is not None:
-                average.update_parameters(network)
-            step += 1
-            seen += cfg.data.batch_size * info.world_size
-            now_elapsed = elapsed()
-            finished = done()
-            if info.is_main and (step % cfg.log_every == 0 or finished):
-                now = time.perf_counter()
-                terms.update(lr=optimizer.param_groups[0]["lr"], patches_per_s=seen / max(now - tick, 1e-9))
-                tick, seen = now, 0
-                metrics.write("train", step, terms)  # type: ignore[union-attr]
-                text = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
-                progress.update(task, completed=step, info=text)
-                if progress.disable:
-                    logger.info("step %d/%d %s", step, stop, text)
-            snapshot = cfg.snapshot_every is not None and step % cfg.snapshot_every == 0
-            if step % cfg.checkpoint_every == 0 or step % cfg.val_every == 0 or finished or snapshot:
-                distributed.average_buffers(network, info)
-                if average is not None:  # its batch-norm statistics follow each rank's own batches
-                    distributed.average_buffers(evaluated, info)
-            if val_regions and (step % cfg.val_every == 0 or finished):
-                threshold, scores = validate(evaluated, val_regions, cfg, info.device)
-                last_scores = {**scores, "threshold": threshold}
-                metrics.write("val", step, last_scores)  # type: ignore[union-attr]
-                logger.info("validation at step %d: %s", step, json.dumps(last_scores))
-                if best is None or scores["jaccard"] > best:
-                    best, best_threshold = scores["jaccard"], threshold
-                    checkpoint(best_path, threshold, last_scores)
-            if info.is_main and (step % cfg.checkpoint_every == 0 or finished):
-                checkpoint(last_path, best_threshold, last_scores)
-            if info.is_main and snapshot:
-                checkpoint(out / f"step_{step:07d}.pt", best_threshold, last_scores)
-            if step % cfg.checkpoint_every == 0:
-                distributed.barrier(info)
-    if metrics is not None:
-        metrics.close()
-    best_checkpoint = best_path if best_path.exists() else None
-    return TrainResult(step, best, best_checkpoint, last_path, network, None if average is None else evaluated)
+    def finish(self) -> TrainResult:
+        """Close the metric files; the run's result."""
+        if self.metrics is not None:
+            self.metrics.close()
+        best_checkpoint = self.best_path if self.best_path.exists() else None
+        average = None if self.average is None else self.evaluated
+        return TrainResult(self.step, self.best, best_checkpoint, self.last_path, self.network, average)

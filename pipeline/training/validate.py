@@ -6,10 +6,13 @@ import numpy as np
 import torch
 from daisy import Roi
 
+from pipeline.config.train import TrainConfig
 from pipeline.evaluation import SemanticCounts, count
 from pipeline.network.inputs import scale_input
+from pipeline.network.model import ResUNet
 from pipeline.network.tta import TTAMode, predict_probabilities
 from pipeline.stitching import PatchGrid, predict_region, read_mirrored
+from pipeline.training.data import LabelledRegion
 
 _BINS = 200
 
@@ -66,6 +69,21 @@ class ThresholdTuner:
         scored = [(self.counts(t).jaccard, t) for t in candidates]
         _, threshold = max(scored)
         return threshold, self.counts(threshold)
+
+
+def validate(
+    network: ResUNet, regions: list[LabelledRegion], cfg: TrainConfig, device: torch.device
+) -> tuple[float, dict[str, float]]:
+    """Tuned threshold and scores (jaccard, dice, miou) over all validation regions."""
+    was_training = network.training
+    network.eval()
+    tuner = ThresholdTuner()
+    for region in regions:
+        prob = predict_volume(network, region.raw, cfg.val_patch_shape, network.context, cfg.val_overlap, device)
+        tuner.update(prob[0], region.label)
+    network.train(was_training)
+    threshold, counts = tuner.best()
+    return threshold, {**counts.scores(), "jaccard@0.5": tuner.counts(0.5).jaccard}
 
 
 def score_checkpoint(
