@@ -25,8 +25,9 @@ from pipeline.errors import ConfigError
 from pipeline.network.checkpoint import read_payload, save_checkpoint
 from pipeline.network.model import ResUNet, build_network
 from pipeline.progress import Progress
+from pipeline.synthetic import ensure_synthetic_training_data
 from pipeline.training import distributed
-from pipeline.training.data import LabelledRegion, PatchSampler, ensure_synthetic, load_regions
+from pipeline.training.data import LabelledRegion, PatchSampler, load_regions
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.prefetch import BatchPrefetcher
 from pipeline.training.schedule import lr_factor, make_average, make_optimizer, schedule_progress
@@ -73,7 +74,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
         torch.set_num_threads(cfg.num_threads)
     # every check that can fail happens before the first step
     if info.is_main:
-        ensure_synthetic(cfg.data)
+        ensure_synthetic_training_data(cfg.data)
     distributed.barrier(info)
     train_regions = load_regions(cfg.data, "train")
     val_regions = load_regions(cfg.data, "validation") if info.is_main else []
