@@ -215,7 +215,7 @@ def test_zarr_and_precomputed_outputs_line_up(driver: Any, tmp_path: Path) -> No
     columns = []
     with DataServer({layer.name: layer.url.local_path for layer in layers}) as server:
         for layer in layers:
-            state = build_state([layer.spec(server.url)], layout="xy")
+            state = build_state([layer.served_from(server.url)], layout="xy")
             state |= {
                 "crossSectionScale": 0.05,
                 "position": [5 + 32, 3 + 8, 2 + 2],

@@ -127,9 +127,9 @@ def test_layers_named_and_companions_found(tmp_path: Path) -> None:
     assert [layer.name for layer in layers] == ["raw", "raw_2"]
     assert layers[1].mesh_companion == "meshes" and layers[1].segments == (4, 3, 9)
     assert layers[1].zarr_axes == ("c", "z", "y", "x") and not layers[1].plain_zarr_names
-    spec = layers[1].spec("http://127.0.0.1:1")
-    assert spec.source == "zarr://http://127.0.0.1:1/raw_2"
-    assert spec.extra_sources == ("precomputed://http://127.0.0.1:1/raw_2/meshes",)
+    served = layers[1].served_from("http://127.0.0.1:1")
+    assert served.source == "zarr://http://127.0.0.1:1/raw_2"
+    assert served.extra_sources == ("precomputed://http://127.0.0.1:1/raw_2/meshes",)
 
 
 @pytest.mark.parametrize(

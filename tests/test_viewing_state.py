@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.viewing import view_command
-from pipeline.viewing.state import LayerSpec, build_state, neuroglancer_source
+from pipeline.viewing.state import Layer, build_state, neuroglancer_source
 from pipeline.volumes import VolumeMeta, parse_volume_url
 
 RAW = VolumeMeta(
@@ -39,14 +39,14 @@ def test_local_source_needs_a_server() -> None:
 
 def test_state_dimensions_position_and_layers() -> None:
     layers = [
-        LayerSpec("raw", "precomputed://http://h/raw", RAW),
-        LayerSpec("probs", "zarr://http://h/probs", PROBS, zarr_axes=("c", "z", "y", "x")),
-        LayerSpec(
+        Layer("raw", parse_volume_url("precomputed://http://h/raw"), RAW),
+        Layer("probs", parse_volume_url("zarr://http://h/probs"), PROBS, zarr_axes=("c", "z", "y", "x")),
+        Layer(
             "cells",
-            "zarr://http://h/cells",
+            parse_volume_url("zarr://http://h/cells"),
             LABELS,
             zarr_axes=("c", "z", "y", "x"),
-            extra_sources=("precomputed://x/m",),
+            mesh_companion="meshes",
             segments=(5, 2),
         ),
     ]
@@ -67,14 +67,15 @@ def test_state_dimensions_position_and_layers() -> None:
     assert "channel=[0]" in probs["shader"] and "range=[0, 255]" in probs["shader"]
     assert probs["blend"] == "additive"
     assert cells["type"] == "segmentation" and cells["segments"] == ["5", "2"]
-    assert cells["source"][1] == "precomputed://x/m"
+    assert cells["source"][1] == "precomputed://http://h/cells/meshes"
     assert list(cells["source"][0]["transform"]["outputDimensions"]) == ["c'", "z", "y", "x"]
     assert state["selectedLayer"] == {"layer": "cells", "visible": True}
 
 
 def test_plain_zarr_array_gets_voxel_size_and_offset_from_the_transform() -> None:
-    spec = LayerSpec("raw", "zarr://h/raw", RAW, zarr_axes=("z", "y", "x"), plain_zarr_names=("d0", "d1", "d2"))
-    transform = build_state([spec])["layers"][0]["source"]["transform"]
+    url = parse_volume_url("zarr://http://h/raw")
+    layer = Layer("raw", url, RAW, zarr_axes=("z", "y", "x"), plain_zarr_names=("d0", "d1", "d2"))
+    transform = build_state([layer])["layers"][0]["source"]["transform"]
     assert transform["matrix"] == [[1, 0, 0, 10], [0, 1, 0, 20], [0, 0, 1, 30]]
     assert transform["outputDimensions"] == {"z": [30e-9, "m"], "y": [8e-9, "m"], "x": [4e-9, "m"]}
     assert transform["inputDimensions"] == {"d0": [30e-9, "m"], "d1": [8e-9, "m"], "d2": [4e-9, "m"]}
@@ -82,7 +83,8 @@ def test_plain_zarr_array_gets_voxel_size_and_offset_from_the_transform() -> Non
 
 def test_single_channel_float_overlay() -> None:
     probs = RAW.derive(dtype=np.float32)
-    state = build_state([LayerSpec("raw", "precomputed://a", RAW), LayerSpec("p", "precomputed://b", probs)])
+    raw, p = parse_volume_url("precomputed://http://h/raw"), parse_volume_url("precomputed://http://h/p")
+    state = build_state([Layer("raw", raw, RAW), Layer("p", p, probs)])
     shader = state["layers"][1]["shader"]
     assert "channel" not in shader and "range=[0, 1]" in shader
 

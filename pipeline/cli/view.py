@@ -46,7 +46,7 @@ def view(
                 f"--state needs volumes that any Neuroglancer can reach (gs://, s3://, https://); {', '.join(local)} "
                 "are local: view them without --state, which serves them from this machine"
             )
-        state.write_text(json.dumps(build_state([layer.spec() for layer in layers]), indent=2))
+        state.write_text(json.dumps(build_state(layers), indent=2))
         typer.echo(f"wrote the Neuroglancer state to {state}; paste it into any Neuroglancer (Edit JSON state)")
         return
     with serve_layers(layers, port=port, data_port=data_port) as (url, data_url):

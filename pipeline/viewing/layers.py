@@ -4,43 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import StorageError
 from pipeline.viewing.meshes import ZARR_COMPANION
-from pipeline.viewing.state import LayerSpec, neuroglancer_source
-from pipeline.volumes import VolumeMeta, VolumeURL, open_volume, parse_volume_url
+from pipeline.viewing.state import Layer
+from pipeline.volumes import VolumeURL, open_volume, parse_volume_url
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
 from pipeline.volumes.zarr_volume import ZarrVolume
 
 MAX_VISIBLE_SEGMENTS = 20
 """The largest objects of a segmentation are shown (with their meshes) when the page opens."""
 _ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
-
-
-@dataclass(frozen=True)
-class ViewLayer:
-    """An opened volume: what the state needs to show it, and the folder to serve when it is local."""
-
-    name: str
-    url: VolumeURL
-    meta: VolumeMeta
-    zarr_axes: tuple[str, ...] = ()
-    plain_zarr_names: tuple[str, ...] = ()
-    mesh_companion: str | None = None
-    """Path of the precomputed meshes folder of a zarr segmentation, relative to the volume."""
-    segments: tuple[int, ...] = ()
-
-    def spec(self, http_base: str | None = None) -> LayerSpec:
-        """The layer spec, with local volumes at `http_base/<name>` as served by `DataServer`."""
-        served = f"{http_base.rstrip('/')}/{self.name}" if http_base and self.url.is_local else None
-        source = neuroglancer_source(self.url, served)
-        extra: tuple[str, ...] = ()
-        if self.mesh_companion:
-            base = served if served else self.url.location
-            extra = (f"precomputed://{base}/{self.mesh_companion}",)
-        return LayerSpec(self.name, source, self.meta, self.zarr_axes, self.plain_zarr_names, extra, self.segments)
 
 
 def _check_local(url: VolumeURL, text: str) -> None:
@@ -110,9 +85,9 @@ def _layer_name(url: VolumeURL, taken: set[str]) -> str:
     return unique
 
 
-def open_layers(urls: list[str]) -> list[ViewLayer]:
+def open_layers(urls: list[str]) -> list[Layer]:
     """Open each volume (metadata only) and describe it as a layer; bad input raises StorageError."""
-    layers: list[ViewLayer] = []
+    layers: list[Layer] = []
     taken: set[str] = set()
     for text in urls:
         url = parse_volume_url(text)
@@ -142,5 +117,5 @@ def open_layers(urls: list[str]) -> list[ViewLayer]:
             else:
                 segments, found = _visible_segments(f"{url.location}/{ZARR_COMPANION}/segment_properties")
                 companion = ZARR_COMPANION if found else None
-        layers.append(ViewLayer(_layer_name(url, taken), url, meta, zarr_axes, plain_zarr_names, companion, segments))
+        layers.append(Layer(_layer_name(url, taken), url, meta, zarr_axes, plain_zarr_names, companion, segments))
     return layers

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
-    from pipeline.viewing.layers import ViewLayer
+    from pipeline.viewing.state import Layer
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def start_viewer(state: dict[str, Any], host: str = "127.0.0.1", port: int = 0) 
 
 
 @contextmanager
-def serve_layers(layers: list[ViewLayer], port: int = 0, data_port: int = 0) -> Iterator[tuple[str, str]]:
+def serve_layers(layers: list[Layer], port: int = 0, data_port: int = 0) -> Iterator[tuple[str, str]]:
     """Serve the local volumes of `layers` and a Neuroglancer page showing all of them, on 127.0.0.1.
 
     Yields (viewer page URL, data server URL); both servers stop when the block ends.
@@ -159,7 +159,7 @@ def serve_layers(layers: list[ViewLayer], port: int = 0, data_port: int = 0) -> 
 
     roots = {layer.name: layer.url.local_path for layer in layers if layer.url.is_local}
     with DataServer(roots, port=data_port) as server:
-        _, url = start_viewer(build_state([layer.spec(server.url) for layer in layers]), port=port)
+        _, url = start_viewer(build_state([layer.served_from(server.url) for layer in layers]), port=port)
         try:
             yield url, server.url
         finally:

@@ -6,7 +6,7 @@ on top in colour, channel 0 by default; segmentation layers list their segments 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,22 +20,43 @@ _CROSS_SECTION_PIXELS = 400
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """One volume as a Neuroglancer layer."""
+class Layer:
+    """One volume as a Neuroglancer layer: what the state shows, and where a local volume is served."""
 
     name: str
-    source: str
-    """Neuroglancer data-source URL, e.g. `precomputed://http://127.0.0.1:8000/raw` or `zarr://gs://b/v.zarr/p`."""
+    url: VolumeURL
     meta: VolumeMeta
     zarr_axes: tuple[str, ...] = ()
     """Stored axis order of a zarr source (e.g. c, z, y, x); empty for precomputed."""
     plain_zarr_names: tuple[str, ...] = ()
     """Neuroglancer's names for the dimensions of a zarr array without OME-Zarr metadata (empty otherwise):
     such an array gets its voxel size and offset from the state."""
-    extra_sources: tuple[str, ...] = ()
-    """More data sources of the layer, e.g. the precomputed meshes and segment properties of a zarr segmentation."""
+    mesh_companion: str | None = None
+    """Path of the precomputed meshes folder of a zarr segmentation, relative to the volume (a second source)."""
     segments: tuple[int, ...] = ()
     """Segment IDs shown (with their meshes) when the page opens."""
+    http_base: str | None = None
+    """Address of the `DataServer` that serves a local volume at `<http_base>/<name>`."""
+
+    def served_from(self, http_base: str) -> Layer:
+        """This layer with its local volume served by the `DataServer` at `http_base`."""
+        return replace(self, http_base=http_base)
+
+    @property
+    def _served(self) -> str | None:
+        return f"{self.http_base.rstrip('/')}/{self.name}" if self.http_base and self.url.is_local else None
+
+    @property
+    def source(self) -> str:
+        """Neuroglancer data-source URL, e.g. `precomputed://http://127.0.0.1:8000/raw` or `zarr://gs://b/v.zarr/p`."""
+        return neuroglancer_source(self.url, self._served)
+
+    @property
+    def extra_sources(self) -> tuple[str, ...]:
+        """More data sources of the layer: the precomputed meshes and segment properties of a zarr segmentation."""
+        if not self.mesh_companion:
+            return ()
+        return (f"precomputed://{self._served or self.url.location}/{self.mesh_companion}",)
 
 
 def neuroglancer_source(url: VolumeURL, http_base: str | None = None) -> str:
@@ -70,7 +91,7 @@ def overlay_shader(color: str, value_range: list[float], num_channels: int) -> s
     )
 
 
-def _source(spec: LayerSpec, channel_name: str) -> dict[str, Any] | str:
+def _source(spec: Layer, channel_name: str) -> dict[str, Any] | str:
     """The layer's main source; zarr sources get their channel axis (and voxel size, offset) through a transform."""
     if not spec.zarr_axes:
         return spec.source
@@ -91,7 +112,7 @@ def _source(spec: LayerSpec, channel_name: str) -> dict[str, Any] | str:
     return {"url": spec.source, "transform": transform}
 
 
-def build_state(layers: list[LayerSpec], layout: str = "4panel") -> dict[str, Any]:
+def build_state(layers: list[Layer], layout: str = "4panel") -> dict[str, Any]:
     """A Neuroglancer state showing `layers`, in the first layer's voxel size, centred on its volume."""
     if not layers:
         raise ValueError("build_state needs at least one layer")
