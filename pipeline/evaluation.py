@@ -34,19 +34,16 @@ class SemanticCounts:
     @property
     def jaccard(self) -> float:
         """Foreground IoU (1 when both masks are empty)."""
-        union = self.tp + self.fp + self.fn
-        return self.tp / union if union else 1.0
+        return _agreement(self.tp, self.fp + self.fn)
 
     @property
     def dice(self) -> float:
         """Dice coefficient (F1) of the foreground (1 when both masks are empty)."""
-        total = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / total if total else 1.0
+        return _agreement(2 * self.tp, self.fp + self.fn)
 
     @property
     def background_jaccard(self) -> float:
-        union = self.tn + self.fp + self.fn
-        return self.tn / union if union else 1.0
+        return _agreement(self.tn, self.fp + self.fn)
 
     @property
     def miou(self) -> float:
@@ -55,6 +52,12 @@ class SemanticCounts:
 
     def scores(self) -> dict[str, float]:
         return {"jaccard": self.jaccard, "dice": self.dice, "miou": self.miou}
+
+
+def _agreement(agree: int, disagree: int) -> float:
+    """agree / (agree + disagree): an IoU or Dice from its counts; 1 when both are 0 (two empty masks agree)."""
+    total = agree + disagree
+    return agree / total if total else 1.0
 
 
 def count(prediction: np.ndarray, truth: np.ndarray) -> SemanticCounts:
