@@ -128,9 +128,13 @@ def run_blockwise(
     start = time.perf_counter()
     result = RunResult(total=plan.num_blocks)
     done_ids = done.load() if done is not None else set()
-    if max_in_flight is None:
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
-        max_in_flight = 2 * workers + 2
+
+    def in_flight_limit() -> int:
+        """`max_in_flight`, or twice the workers present now plus two: it follows workers as they join and leave."""
+        if max_in_flight is not None:
+            return max_in_flight
+        return 2 * max(1, len(client.scheduler_info().get("workers", {}))) + 2
+
     pending: dict[Any, Block] = {}
     queue = completions()
     blocks = plan.blocks()
@@ -159,7 +163,7 @@ def run_blockwise(
         return False
 
     with _progress(description, plan.num_blocks, progress) as advance:
-        while len(pending) < max_in_flight and submit_next():
+        while len(pending) < in_flight_limit() and submit_next():
             pass
         for future in queue:
             block = pending.pop(future)
@@ -179,7 +183,7 @@ def run_blockwise(
                 result.failures.append(BlockFailure(block_id, roi_key(block.write_roi), text))
                 advance(1, 0)
             future.release()
-            while len(pending) < max_in_flight and submit_next():
+            while len(pending) < in_flight_limit() and submit_next():
                 pass
     result.seconds = time.perf_counter() - start
     return result

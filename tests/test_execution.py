@@ -99,7 +99,7 @@ class Blocks:
         return 10 * block_id
 
 
-def run(client: FakeClient, fn: Blocks, **kwargs: Any) -> RunResult:
+def run(client: FakeClient, fn: Callable[[Block], int], **kwargs: Any) -> RunResult:
     return run_blockwise(client, PLAN, fn, progress=False, completions=client.completions, **kwargs)
 
 
@@ -158,3 +158,17 @@ def test_run_result_counts_voxels_and_keeps_results_by_block_when_they_finish_ou
 
 def test_results_are_not_kept_unless_asked() -> None:
     assert run(FakeClient(), Blocks()).results == {}
+
+
+def test_in_flight_work_follows_workers_as_they_join() -> None:
+    client = FakeClient(workers=1)
+    fn = Blocks()
+
+    def joining(block: Block) -> int:
+        if block.block_id[1] == 2:
+            client.workers = 4  # three more workers joined while the run was going
+        return fn(block)
+
+    result = run(client, joining)
+    assert result.completed == 18
+    assert client.most_in_flight == 2 * 4 + 2  # not the 4 computed from the one worker at the start
