@@ -38,7 +38,9 @@ def segment(
     config: Annotated[Path | None, typer.Argument(help="YAML job file (configs/*.yaml); options override it.")] = None,
     input: Annotated[str | None, typer.Option("--input", help="EM volume URL or local path.")] = None,
     output: Annotated[list[str] | None, typer.Option("--output", help="Output volume URL (repeatable).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Network checkpoint (.pt).")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option("--checkpoint", help="Network: a shipped name (lucchi, demo) or a .pt file.")
+    ] = None,
     block_size: Annotated[str | None, typer.Option("--block-size", help="Write block Z,Y,X in voxels.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Local Dask worker processes.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
