@@ -28,7 +28,7 @@ def as_zyx(values: Any, name: str) -> Vec3:
         raise GeometryError(f"{name} must be three integers (z, y, x), got {values!r}") from err
     if len(out) != 3:
         raise GeometryError(f"{name} must be three integers (z, y, x), got {values!r}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def parse_roi(text: str) -> Roi:
