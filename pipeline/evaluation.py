@@ -147,7 +147,7 @@ def evaluate_semantic(
         )
     if threshold is None:
         threshold = default_threshold(pred_vol.provenance)
-    grid = chunks or tuple(pred_vol.meta.chunks)
+    grid = chunks or pred_vol.meta.chunks
     if kind == "auto":
         kind = prediction_kind(pred_vol, grid)
     region = evaluation_region(pred_vol, roi)

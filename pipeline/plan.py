@@ -15,7 +15,7 @@ import numpy as np
 from daisy import Block, Roi
 
 from pipeline.errors import GeometryError
-from pipeline.geometry import Vec3, cell_ranges, roi_key, whole_chunks
+from pipeline.geometry import Vec3, as_zyx, cell_ranges, roi_key, whole_chunks
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def plan_blocks(
     context: Iterable[int] = (0, 0, 0),
 ) -> BlockPlan:
     """Build and validate a plan; refuse block shapes that are not whole chunks or regions outside the volume."""
-    shape = tuple(int(v) for v in volume_shape)
-    chunks = tuple(int(v) for v in chunk_shape)
-    blocks = tuple(int(v) for v in block_shape)
+    shape = as_zyx(volume_shape, "volume shape")
+    chunks = as_zyx(chunk_shape, "chunk shape")
+    blocks = as_zyx(block_shape, "block shape")
     whole = Roi((0, 0, 0), shape)
     roi = whole if roi is None else roi
     if not whole.contains(roi) or roi.empty:
@@ -85,7 +85,7 @@ def plan_blocks(
             f"block shape {blocks} is not a whole number of output chunks {chunks} on every axis; "
             f"use multiples such as {whole_chunks(blocks, chunks)}"
         )
-    plan = BlockPlan(shape, roi, blocks, chunks, tuple(int(c) for c in context))  # type: ignore[arg-type]
+    plan = BlockPlan(shape, roi, blocks, chunks, as_zyx(context, "context"))
     validate_write_rois((b.write_roi for b in plan.blocks()), chunks, shape)
     return plan
 

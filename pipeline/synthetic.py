@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -187,7 +187,7 @@ def write_volume_zarr(
     *,
     resolution_nm: tuple[float, float, float] = (5.0, 5.0, 5.0),
     chunks: tuple[int, int, int] = TRAINING_CHUNKS,
-    zarr_format: int = 2,
+    zarr_format: Literal[2, 3] = 2,
 ) -> None:
     """Write raw and label as arrays `raw` and `label` of a zarr group, with Lucchi-style attributes."""
     import zarr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from daisy import Roi
@@ -13,6 +14,9 @@ from pipeline.errors import ConfigError, GeometryError
 from pipeline.network.inputs import scale_input
 from pipeline.stitching import mirror_indices
 from pipeline.training.augment import augment
+
+if TYPE_CHECKING:
+    from pipeline.volumes import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ def _roi(region: Region, shape: tuple[int, int, int], what: str) -> Roi:
     return Roi(tuple(r[0] for r in ranges), tuple(r[1] - r[0] for r in ranges))
 
 
-def open_pair(raw_url: str, label_url: str) -> tuple[object, object]:
+def open_pair(raw_url: str, label_url: str) -> tuple[Volume, Volume]:
     """Open a raw and a label volume and check that they match (before any training step)."""
     from pipeline.volumes import open_volume
 
@@ -62,7 +66,7 @@ def load_regions(cfg: DataConfig, which: str) -> list[LabelledRegion]:
         if region is None:
             continue
         raw_vol, label_vol = open_pair(source.raw, source.label)
-        roi = _roi(region, tuple(raw_vol.meta.shape), f"{which} of volume {index} ({source.raw})")
+        roi = _roi(region, raw_vol.meta.shape, f"{which} of volume {index} ({source.raw})")
         if which == "train" and any(s < p for s, p in zip(roi.shape, cfg.patch_shape, strict=True)):
             raise ConfigError(
                 f"train region {roi} of {source.raw} is smaller than data.patch_shape {list(cfg.patch_shape)}"

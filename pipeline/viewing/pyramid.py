@@ -140,7 +140,7 @@ class DownsampleBlock:
         )
         read = windows.intersect(source.meta.roi)
         phase = tuple(r - w for r, w in zip(read.begin, windows.begin, strict=True))
-        target.write(write, downsample(source.read(read), factor, self.method, phase))  # type: ignore[arg-type]
+        target.write(write, downsample(source.read(read), factor, self.method, phase))
 
 
 def _precomputed_scales(info: dict[str, Any], meta: VolumeMeta, levels: list[Level]) -> list[dict[str, Any]]:

@@ -13,8 +13,9 @@ from typing import Literal
 from pipeline.errors import ConfigError
 
 Kind = Literal["zarr", "precomputed"]
+ZarrFormat = Literal[2, 3]
 
-_SCHEMES: dict[str, tuple[Kind, int | None]] = {
+_SCHEMES: dict[str, tuple[Kind, ZarrFormat | None]] = {
     "precomputed": ("precomputed", None),
     "zarr": ("zarr", None),
     "zarr2": ("zarr", 2),
@@ -30,7 +31,7 @@ class VolumeURL:
     kind: Kind
     location: str
     """Storage URL with its protocol, e.g. `file:///abs/path` or `gs://bucket/layer`."""
-    zarr_format: int | None = None
+    zarr_format: ZarrFormat | None = None
 
     @property
     def is_local(self) -> bool:
@@ -68,5 +69,5 @@ def parse_volume_url(url: str) -> VolumeURL:
             "or a plain local path"
         )
     path = os.path.abspath(text)
-    kind: Kind = "precomputed" if os.path.isfile(os.path.join(path, "info")) else "zarr"
-    return VolumeURL(kind, "file://" + path.rstrip("/"), None)
+    detected: Kind = "precomputed" if os.path.isfile(os.path.join(path, "info")) else "zarr"
+    return VolumeURL(detected, "file://" + path.rstrip("/"), None)
