@@ -175,7 +175,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         network_config=cfg,
         content_hash=digest,
         threshold=float(payload.get("threshold", 0.5)),
-        patch_shape=patch,  # type: ignore[arg-type]
+        patch_shape=patch,
         metadata=metadata,
         median_size=median,
         payload=payload,
@@ -187,7 +187,9 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(value)
     loaded = load_checkpoint(path)
     meta = loaded.metadata
-    training = {k: meta[k] for k in ("step", "split", "scores", "world_size", "voxel_size_nm") if k in meta}
+    training: dict[str, Any] = {
+        k: meta[k] for k in ("step", "split", "scores", "world_size", "voxel_size_nm") if k in meta
+    }
     if "train_config" in meta:
         training["train_config"] = meta["train_config"].get("name")
     if "weight_average_of" in meta:
@@ -254,7 +256,9 @@ def average_checkpoints(
         if value.is_floating_point() and len(payloads) > 1:
             value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
         state[key] = value
-    extra = {k: payloads[0][k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payloads[0]}
+    extra: dict[str, Any] = {
+        k: payloads[0][k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payloads[0]
+    }
     if median_size is not None:
         extra["median_size"] = median_size
     if threshold is not None:
