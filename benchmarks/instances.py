@@ -108,6 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
 
     base_shape, base_block, chunks = (64, 160, 160), (16, 32, 32), (16, 32, 32)
     big_shape = tuple(2 * s for s in base_shape)
@@ -117,7 +118,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mitoseg-bench-instances-"))
     rows = []
     try:
-        with dask_client(workers=args.workers) as client:
+        with dask_client(LocalClusterConfig(workers=args.workers)) as client:
             cases = [
                 ("base", base_shape, base_block, centres, radii),
                 ("8x voxels", big_shape, big_block, centres, radii),

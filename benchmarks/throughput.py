@@ -7,7 +7,7 @@ many patches the block partition computes against one whole-volume block (patche
 computed by each block they reach: larger blocks lower it), and the peak RSS of each worker (target: the 8x
 volume within 20 %).
 
-    python benchmarks/throughput.py [--checkpoint pipeline/network/checkpoints/demo.pt] [--small 32,256,256] [--workers 1]
+    python benchmarks/throughput.py [--checkpoint PATH] [--small 32,256,256] [--workers 1]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
     from daisy import Roi
 
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
     from pipeline.config.segment import SegmentConfig
     from pipeline.segment import prepare, segment
     from pipeline.synthetic import generate_volume
@@ -93,7 +94,7 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
         resume=False,
     )
     del raw
-    with dask_client(workers=args.workers) as client:
+    with dask_client(LocalClusterConfig(workers=args.workers)) as client:
         result = segment(cfg, client=client, progress=False).run
         rss = client.run(peak_rss_mb)
     run = prepare(cfg)

@@ -1,15 +1,23 @@
-"""Connecting to Dask: an in-process LocalCluster by default, or an existing scheduler."""
+"""Connecting to Dask: a LocalCluster by default, batch jobs (SLURM, PBS, LSF), or an existing scheduler."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dask
 
+from pipeline.config.cluster import (
+    AddressClusterConfig,
+    BatchClusterConfig,
+    ClusterConfig,
+    LocalClusterConfig,
+    SchedulerFileClusterConfig,
+)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,29 +43,66 @@ def worker_environment(threads: int) -> dict[str, str]:
 
 
 @contextmanager
-def dask_client(
-    scheduler: str | None = None, workers: int = 1, gpus: int = 0, memory_limit: str | None = None
-) -> Iterator[Any]:
-    """A Dask client: connected to `scheduler` when given, else on a LocalCluster of process workers.
+def dask_client(cluster: ClusterConfig | None = None, gpus: int = 0) -> Iterator[Any]:
+    """A Dask client on the cluster `cluster` describes (a LocalCluster of one worker by default).
 
-    Local workers run one thread each (cloud-volume and torch do better in processes than in threads)
-    and each gets its share of the machine's cores for torch; with `gpus` they advertise a `GPU` resource.
+    Waits for the cluster's `min_workers` (batch jobs may queue) and closes what it started on exit. Local
+    workers run one thread each (cloud-volume and torch do better in processes than in threads) and each gets its
+    share of the machine's cores for torch; with `gpus` they advertise a `GPU` resource.
     """
+    cluster = cluster or LocalClusterConfig()
+    if isinstance(cluster, LocalClusterConfig):
+        with _local_client(cluster, gpus) as client:
+            yield client
+    elif isinstance(cluster, BatchClusterConfig):
+        with _batch_client(cluster) as client:
+            yield client
+    else:
+        with _existing_client(cluster) as client:
+            yield client
+
+
+def wait_for_workers(client: Any, cluster: ClusterConfig) -> None:
+    """Block until the cluster's `min_workers` have joined; a clear error after `wait_s`."""
+    try:
+        client.wait_for_workers(cluster.min_workers, timeout=cluster.wait_s)
+    except TimeoutError as err:
+        present = len(client.scheduler_info().get("workers", {}))
+        raise ConfigError(
+            f"only {present} of {cluster.min_workers} Dask worker(s) joined within {cluster.wait_s:.0f} s "
+            f"({cluster.kind} cluster): check that worker jobs start (squeue, the workers' logs), or lower "
+            "cluster.min_workers, or raise cluster.wait_s"
+        ) from err
+
+
+@contextmanager
+def _existing_client(cluster: AddressClusterConfig | SchedulerFileClusterConfig) -> Iterator[Any]:
+    from distributed import Client
+
+    where = cluster.address if isinstance(cluster, AddressClusterConfig) else cluster.scheduler_file
+    try:
+        if isinstance(cluster, AddressClusterConfig):
+            client = Client(cluster.address, timeout="30s")
+        else:
+            client = Client(scheduler_file=cluster.scheduler_file, timeout="30s")
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {where!r}: {err}; check the address or scheduler file, and that "
+            "the scheduler runs"
+        ) from err
+    try:
+        wait_for_workers(client, cluster)
+        yield client
+    finally:
+        client.close()
+
+
+@contextmanager
+def _local_client(cluster: LocalClusterConfig, gpus: int) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as err:
-            raise ConfigError(
-                f"cannot reach the Dask scheduler at {scheduler!r}: {err}; check --scheduler and that it runs"
-            ) from err
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    workers = cluster.workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
     kwargs: dict[str, Any] = {}
     if gpus:
         kwargs["resources"] = {"GPU": 1}
@@ -66,22 +111,89 @@ def dask_client(
     # put them back when the cluster is gone, so that the caller's later subprocesses do not inherit them.
     with restored_environ(environ):
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-            cluster = LocalCluster(
+            local = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
-                memory_limit=memory_limit or "auto",
+                memory_limit=cluster.memory_limit or "auto",
                 env={"MITOSEG_TORCH_THREADS": str(threads)},
                 **kwargs,
             )
-        client = Client(cluster)
+        client = Client(local)
         log.info("started a LocalCluster with %d worker(s), %d torch thread(s) each", workers, threads)
         try:
             yield client
         finally:
             client.close()
-            cluster.close()
+            local.close()
+
+
+def walltime_seconds(walltime: str) -> int:
+    """Seconds of a batch walltime written [D-]HH:MM[:SS]."""
+    days, _, clock = walltime.rpartition("-")
+    parts = [int(p) for p in clock.split(":")] + [0]
+    hours, minutes, seconds = parts[:3]
+    return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def batch_job_options(cluster: BatchClusterConfig) -> dict[str, Any]:
+    """The dask-jobqueue arguments of a batch cluster: resources, prologue, and workers that retire in time.
+
+    Each worker retires `lifetime_margin_s` before its job's walltime, so the batch system never kills it in the
+    middle of a block: its blocks move to other workers and the adaptive cluster submits a new job.
+    """
+    threads = max(1, cluster.cores // cluster.processes)
+    lifetime = max(30, walltime_seconds(cluster.walltime) - cluster.lifetime_margin_s)
+    exports = {**worker_environment(threads), "MITOSEG_TORCH_THREADS": str(threads)}
+    worker_args = ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{max(1, min(60, lifetime // 10))}s"]
+    directives = list(cluster.job_extra_directives)
+    if cluster.gpus_per_job:
+        worker_args += ["--resources", "GPU=1"]
+        if cluster.kind == "slurm":
+            directives.append(f"--gres=gpu:{cluster.gpus_per_job}")
+    options: dict[str, Any] = {
+        "cores": cluster.cores,
+        "processes": cluster.processes,
+        "memory": cluster.memory,
+        "walltime": cluster.walltime,
+        "queue": cluster.queue,
+        "account": cluster.account,
+        "job_script_prologue": [*cluster.job_script_prologue, *(f"export {k}={v}" for k, v in exports.items())],
+        "job_extra_directives": directives,
+        "worker_extra_args": worker_args,
+        "python": cluster.python or sys.executable,
+        "interface": cluster.interface,
+        "log_directory": cluster.log_directory,
+        "name": "mitoseg",
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+@contextmanager
+def _batch_client(cluster: BatchClusterConfig) -> Iterator[Any]:
+    from distributed import Client
+
+    try:
+        import dask_jobqueue
+    except ImportError as err:
+        raise ConfigError(f"cluster kind {cluster.kind!r} needs dask-jobqueue: pip install 'mitoseg[hpc]'") from err
+    classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster"}
+    batch = getattr(dask_jobqueue, classes[cluster.kind])(**batch_job_options(cluster))
+    try:
+        minimum = max(cluster.min_jobs, -(-cluster.min_workers // cluster.processes))
+        batch.adapt(minimum_jobs=min(minimum, cluster.max_jobs), maximum_jobs=cluster.max_jobs)
+        log.info(
+            "%s cluster: %d to %d job(s) of %d worker(s)", cluster.kind, minimum, cluster.max_jobs, cluster.processes
+        )
+        client = Client(batch)
+        try:
+            wait_for_workers(client, cluster)
+            yield client
+        finally:
+            client.close()
+    finally:
+        batch.close()
 
 
 @contextmanager

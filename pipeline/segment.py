@@ -221,7 +221,7 @@ def segment(config: SegmentConfig, client: Any = None, plugin: Any = None, progr
     )
     if client is not None:
         return _execute_and_finish(run, client, plugin, progress)
-    with dask_client(config.scheduler, config.workers, gpus=int(config.gpu_resource)) as own:
+    with dask_client(config.cluster, gpus=int(config.gpu_resource)) as own:
         return _execute_and_finish(run, own, plugin, progress)
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import em_like, write_raw
 
 from pipeline.config import load_config
+from pipeline.config.cluster import LocalClusterConfig
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
 from pipeline.volumes import open_volume
@@ -26,7 +27,8 @@ def test_options_override_the_file(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("input: a.zarr/raw\noutput: b.zarr/p\nblock_size: [32, 64, 64]\nworkers: 3\n")
     cfg = load_config(SegmentConfig, job, {"workers": 1, "block_size": None})
-    assert cfg.workers == 1 and cfg.block_size == (32, 64, 64) and cfg.output == ["b.zarr/p"]
+    assert cfg.cluster == LocalClusterConfig(workers=1)
+    assert cfg.block_size == (32, 64, 64) and cfg.output == ["b.zarr/p"]
     job.write_text("input: a.zarr/raw\noutput: b.zarr/p\noverlap: [0.75, 0.25, 0.25]\n")
     assert load_config(SegmentConfig, job).overlap == (0.75, 0.25, 0.25)
     job.write_text("input: a.zarr/raw\noutput: b.zarr/p\noverlap: 0.5\n")

@@ -6,8 +6,13 @@ import os
 
 import dask
 import pytest
+from pydantic import ValidationError
 
-from pipeline.cluster import dask_client, restored_environ, worker_environment
+from pipeline.cli.segment import ClusterKind, cluster_overrides
+from pipeline.cluster import batch_job_options, dask_client, restored_environ, walltime_seconds, worker_environment
+from pipeline.config.cluster import AddressClusterConfig, BatchClusterConfig, LocalClusterConfig
+from pipeline.config.segment import SegmentConfig
+from pipeline.errors import ConfigError
 
 
 def test_worker_environment_sets_thread_pools_and_malloc_and_keeps_configured_variables() -> None:
@@ -41,8 +46,90 @@ def test_local_workers_get_mitoseg_environment_and_the_caller_keeps_its_own(monk
     for name in names:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "7")
-    with dask_client(workers=1) as client:
+    with dask_client(LocalClusterConfig(workers=1)) as client:
         got = client.submit(lambda: {name: os.environ.get(name) for name in names}).result()
     assert got == {name: worker_environment(max(1, os.cpu_count() or 1))[name] for name in names}
     assert not [name for name in names if name in os.environ]
     assert os.environ["MKL_NUM_THREADS"] == "7"
+
+
+def segment_job(**fields: object) -> SegmentConfig:
+    return SegmentConfig.model_validate({"input": "a.zarr/raw", "output": "b.zarr/p", **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "cluster"),
+    [
+        ({}, LocalClusterConfig()),
+        ({"workers": 3}, LocalClusterConfig(workers=3)),
+        ({"scheduler": "tcp://h:8786"}, AddressClusterConfig(kind="address", address="tcp://h:8786")),
+        ({"cluster": {"kind": "local", "min_workers": 2}, "workers": 4}, LocalClusterConfig(workers=4, min_workers=2)),
+        (
+            {"cluster": {"kind": "slurm", "max_jobs": 3, "wait_s": 5}, "scheduler": "tcp://h:1"},
+            AddressClusterConfig(kind="address", address="tcp://h:1", wait_s=5),
+        ),
+    ],
+)
+def test_workers_and_scheduler_are_short_for_a_cluster_section(fields: dict, cluster: object) -> None:
+    assert segment_job(**fields).cluster == cluster
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"workers": 2, "scheduler": "tcp://h:1"}, "exclude each other"),
+        ({"cluster": {"kind": "slurm"}, "workers": 2}, "size a batch cluster with cluster.max_jobs"),
+        ({"cluster": {"kind": "slurm", "min_jobs": 3, "max_jobs": 2}}, "min_jobs 3 is more than max_jobs 2"),
+        ({"cluster": {"kind": "slurm", "min_workers": 3, "max_jobs": 2}}, "min_workers 3 cannot join"),
+        ({"cluster": {"kind": "slurm", "gpus_per_job": 2}}, "one GPU per job"),
+        ({"cluster": {"kind": "slurm", "walltime": "1 hour"}}, "String should match pattern"),
+        ({"cluster": {"kind": "yarn"}}, "does not match any of the expected tags"),
+        ({"instances": {"cluster": {"kind": "local"}}}, "runs on segment's own cluster"),
+    ],
+)
+def test_bad_cluster_sections_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        segment_job(**fields)
+
+
+def test_cluster_options_start_a_new_section_or_set_fields() -> None:
+    assert cluster_overrides(None, max_jobs=None, queue="gpu") == {"cluster.queue": "gpu"}
+    assert cluster_overrides(ClusterKind.slurm, max_jobs=8, gpus_per_job=1, queue=None) == {
+        "cluster": {"kind": "slurm", "max_jobs": 8, "gpus_per_job": 1}
+    }
+    assert cluster_overrides(None, scheduler_file="/s.json") == {
+        "cluster": {"kind": "scheduler_file", "scheduler_file": "/s.json"}
+    }
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("01:00:00", 3600), ("1-02:03:04", 93784), ("00:10", 600)])
+def test_walltime_seconds(text: str, seconds: int) -> None:
+    assert walltime_seconds(text) == seconds
+
+
+def test_batch_workers_retire_before_the_walltime_with_mitoseg_environment() -> None:
+    cluster = BatchClusterConfig(
+        kind="slurm", cores=4, walltime="00:20:00", lifetime_margin_s=120, gpus_per_job=1, account="lab",
+        job_script_prologue=["module load cuda"],
+    )  # fmt: skip
+    options = batch_job_options(cluster)
+    args = options["worker_extra_args"]
+    assert args[args.index("--lifetime") + 1] == "1080s"  # 20 min less the 2 min margin
+    assert args[args.index("--resources") + 1] == "GPU=1"
+    assert "--lifetime-restart" not in args  # a retired worker's job ends; the adaptive cluster starts a new one
+    assert options["job_extra_directives"] == ["--gres=gpu:1"] and options["account"] == "lab"
+    prologue = options["job_script_prologue"]
+    assert prologue[0] == "module load cuda"
+    assert {"export OMP_NUM_THREADS=4", "export MITOSEG_TORCH_THREADS=4", "export MALLOC_MMAP_MAX_=0"} <= set(prologue)
+    assert "queue" not in options  # unset fields are left to the site's defaults
+
+
+@pytest.mark.cluster
+def test_too_few_workers_is_a_clear_error_naming_the_cluster() -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as running:
+        address = AddressClusterConfig(kind="address", address=running.scheduler_address, min_workers=2, wait_s=1)
+        message = r"only 1 of 2 Dask worker\(s\) joined within 1 s \(address cluster\)"
+        with pytest.raises(ConfigError, match=message), dask_client(address):
+            pass

@@ -474,10 +474,11 @@ def test_a_failing_block_is_reported_and_nothing_is_relabelled(client, tmp_path,
 @pytest.mark.cluster
 def test_two_process_workers_give_the_same_labels(tmp_path):
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
 
     mask = noise_mask(SHAPE, seed=9)
     source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
     oracle = seeded_components(uint8_probs(mask[None])[0])
-    with dask_client(workers=2) as process_client:
+    with dask_client(LocalClusterConfig(workers=2)) as process_client:
         labels, _ = run(process_client, tmp_path, source, (8, 12, 8), decode={"min_size": 0})
     assert same_up_to_renumbering(labels, oracle)

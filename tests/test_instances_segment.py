@@ -18,13 +18,14 @@ pytestmark = pytest.mark.cluster
 
 def test_instances_of_a_segment_output(tmp_path, tiny_checkpoint):
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
 
     raw = write_raw(f"zarr://file://{tmp_path}/em.zarr/raw", em_like((16, 48, 48)))
     probs = f"zarr://file://{tmp_path}/prediction.zarr/probs"
     seg_cfg = SegmentConfig(
         input=raw, output=[probs], checkpoint=tiny_checkpoint, chunk_size=(8, 16, 16), block_size=(16, 32, 32)
     )
-    with dask_client(workers=1) as client:
+    with dask_client(LocalClusterConfig(workers=1)) as client:
         assert segment(seg_cfg, client=client, progress=False).run.ok
         source = open_volume(probs)
         threshold = source.provenance["threshold"]

@@ -24,8 +24,9 @@ SHAPE = (24, 80, 72)  # not a multiple of any block size used below
 def clients():
     """One single-worker and one two-worker LocalCluster, shared by the module's tests."""
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
 
-    with dask_client(workers=1) as one, dask_client(workers=2) as two:
+    with dask_client(LocalClusterConfig(workers=1)) as one, dask_client(LocalClusterConfig(workers=2)) as two:
         yield {1: one, 2: two}
 
 

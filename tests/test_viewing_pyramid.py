@@ -126,6 +126,7 @@ def test_plain_zarr_array_is_refused(client: Any, tmp_path: Any) -> None:
 @pytest.mark.cluster
 def test_pyramid_and_meshes_on_two_worker_processes(tmp_path: Any) -> None:
     from pipeline.cluster import dask_client
+    from pipeline.config.cluster import LocalClusterConfig
     from pipeline.viewing.meshes import add_meshes
 
     shape = (16, 64, 48)
@@ -134,7 +135,7 @@ def test_pyramid_and_meshes_on_two_worker_processes(tmp_path: Any) -> None:
     meta = VolumeMeta(shape=shape, dtype=np.dtype(np.uint64), chunks=(8, 16, 16), layer_type="segmentation")
     url = f"zarr://file://{tmp_path}/v.zarr/instances"
     create_volume(url, meta).write(meta.roi, labels[None])
-    with dask_client(workers=2) as client:
+    with dask_client(LocalClusterConfig(workers=2)) as client:
         pyramid = add_pyramid(client, url, min_chunks_across=1, block_shape=(8, 16, 16), progress=False)
         meshes = add_meshes(client, url, block_shape=(8, 32, 16), progress=False)
     assert pyramid.ok and meshes.ok and meshes.sizes == {3: int((labels == 3).sum())}

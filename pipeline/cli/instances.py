@@ -42,7 +42,7 @@ def instances(
     }
     cfg = load_config(InstancesConfig, config, overrides)
     job = prepare_instances(cfg)  # every check before the cluster starts
-    with dask_client(cfg.scheduler, workers=cfg.workers) as client:
+    with dask_client(cfg.cluster) as client:
         result = run_instances(job, client)
     console = Console(soft_wrap=True)
     print_instances(console, result)

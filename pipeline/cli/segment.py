@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,24 @@ def parse_fractions(text: str | None, option: str) -> float | list[float] | None
     return values[0] if len(values) == 1 else values
 
 
+class ClusterKind(str, Enum):
+    local = "local"
+    slurm = "slurm"
+    pbs = "pbs"
+    lsf = "lsf"
+    scheduler_file = "scheduler_file"
+
+
+def cluster_overrides(kind: ClusterKind | None, **fields: object) -> dict[str, object]:
+    """Config overrides from the cluster options: `--cluster` starts a new section, the others set its fields."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if kind is None and "scheduler_file" in given:
+        kind = ClusterKind.scheduler_file
+    if kind is not None:
+        return {"cluster": {"kind": kind.value, **given}}
+    return {f"cluster.{name}": value for name, value in given.items()}
+
+
 def segment(
     config: Annotated[Path | None, typer.Argument(help="YAML job file (configs/*.yaml); options override it.")] = None,
     input: Annotated[str | None, typer.Option("--input", help="EM volume URL or local path.")] = None,
@@ -44,6 +63,20 @@ def segment(
     block_size: Annotated[str | None, typer.Option("--block-size", help="Write block Z,Y,X in voxels.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Local Dask worker processes.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
+    cluster: Annotated[
+        ClusterKind | None,
+        typer.Option("--cluster", help="Where workers run; replaces the job file's cluster section. [default: local]"),
+    ] = None,
+    scheduler_file: Annotated[
+        str | None, typer.Option("--scheduler-file", help="Scheduler file of a running scheduler.")
+    ] = None,
+    max_jobs: Annotated[int | None, typer.Option("--max-jobs", help="Batch jobs at most (slurm, pbs, lsf).")] = None,
+    gpus_per_job: Annotated[int | None, typer.Option("--gpus-per-job", help="GPUs per batch job (0 or 1).")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", help="Batch partition or queue.")] = None,
+    walltime: Annotated[str | None, typer.Option("--walltime", help="Batch job walltime, HH:MM:SS.")] = None,
+    min_workers: Annotated[
+        int | None, typer.Option("--min-workers", help="Workers to wait for before the first block.")
+    ] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
     overlap: Annotated[
         str | None, typer.Option("--overlap", help="Tile overlap: one fraction, or Z,Y,X (e.g. 0.75,0.25,0.25).")
@@ -81,6 +114,15 @@ def segment(
         "block_size": parse_zyx(block_size, "--block-size"),
         "workers": workers,
         "scheduler": scheduler,
+        **cluster_overrides(
+            cluster,
+            scheduler_file=scheduler_file,
+            max_jobs=max_jobs,
+            gpus_per_job=gpus_per_job,
+            queue=queue,
+            walltime=walltime,
+            min_workers=min_workers,
+        ),
         "roi": roi,
         "overlap": parse_fractions(overlap, "--overlap"),
         "resume": False if no_resume else None,

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.config.cluster import ClusterJob
+
 LABEL_DTYPES = ("uint64", "uint32")
 
 
@@ -43,7 +45,7 @@ class DecodeConfig(BaseModel):
     )
 
 
-class InstancesConfig(BaseModel):
+class InstancesConfig(ClusterJob):
     """One instance-segmentation job: probabilities in, a label volume and a table of objects out."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,8 +62,6 @@ class InstancesConfig(BaseModel):
     )
     roi: str | None = Field(None, description="Region OFFSET:SHAPE in voxels (z,y,x each); None = whole volume.")
     dtype: str = Field("uint64", description="Label type of the output: 'uint64' or 'uint32'.")
-    workers: int = Field(1, ge=1, description="LocalCluster workers when no scheduler is given.")
-    scheduler: str | None = Field(None, description="Address of a running Dask scheduler; None = a LocalCluster.")
     resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
     viewing: bool = Field(True, description="Add pyramid levels, meshes and segment properties for Neuroglancer.")
     keep_scratch: bool = Field(False, description="Keep the provisional labels and per-block files after success.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from pipeline.config.cluster import ClusterJob
 from pipeline.config.instances import InstancesConfig
 from pipeline.config.synthetic import SyntheticVolume
 from pipeline.geometry import Vec3
@@ -15,7 +16,7 @@ from pipeline.network.tta import TTAMode
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class SegmentConfig(BaseModel):
+class SegmentConfig(ClusterJob):
     """A blockwise segmentation job: which volume, which network, how to split and run it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -55,8 +56,6 @@ class SegmentConfig(BaseModel):
     output_dtype: Literal["uint8", "float16", "float32"] = Field(
         "uint8", description="uint8 stores probability x 255; float16/float32 store the probability."
     )
-    workers: int = Field(1, ge=1, description="Local Dask workers (processes) when no scheduler is given.")
-    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run the network.")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 autocast on GPU, float32 on CPU (bf16 is slow on CPUs)."
@@ -74,6 +73,13 @@ class SegmentConfig(BaseModel):
     synthetic: SyntheticVolume | None = Field(
         None, description="Generate a synthetic input (and truth) here when the input does not exist."
     )
+
+    @field_validator("instances")
+    @classmethod
+    def _one_cluster(cls, value: InstancesConfig | None) -> InstancesConfig | None:
+        if value is not None and "cluster" in value.model_fields_set:
+            raise ValueError("the instances section runs on segment's own cluster: set cluster at the top of the job")
+        return value
 
     @field_validator("output", mode="before")
     @classmethod
