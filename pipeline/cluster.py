@@ -144,7 +144,8 @@ def batch_job_options(cluster: BatchClusterConfig) -> dict[str, Any]:
     middle of a block: its blocks move to other workers and the adaptive cluster submits a new job.
     """
     threads = max(1, cluster.cores // cluster.processes)
-    lifetime = max(30, walltime_seconds(cluster.walltime) - cluster.lifetime_margin_s)
+    walltime = walltime_seconds(cluster.walltime)
+    lifetime = max(30, walltime - min(cluster.lifetime_margin_s, walltime // 5))  # short test jobs keep 80 %
     exports = {**worker_environment(threads), "MITOSEG_TORCH_THREADS": str(threads)}
     worker_args = ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{max(1, min(60, lifetime // 10))}s"]
     directives = list(cluster.job_extra_directives)

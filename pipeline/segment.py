@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, StorageError
 from pipeline.execution import RunResult, run_blockwise
-from pipeline.geometry import parse_roi, roi_key
+from pipeline.geometry import as_zyx, parse_roi, roi_key
 from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key
 from pipeline.stitching import PatchGrid
@@ -69,9 +69,9 @@ def network_info(checkpoint: str) -> NetworkInfo:
     return NetworkInfo(
         content_hash=loaded.content_hash,
         out_channels=int(loaded.network_config.out_channels),
-        context=tuple(int(c) for c in loaded.network.context),  # type: ignore[arg-type]
-        patch_shape=tuple(int(p) for p in loaded.patch_shape),  # type: ignore[arg-type]
-        size_divisor=tuple(int(d) for d in loaded.network.size_divisor),  # type: ignore[arg-type]
+        context=loaded.network.context,
+        patch_shape=as_zyx(loaded.patch_shape, "checkpoint patch_shape"),
+        size_divisor=loaded.network.size_divisor,
         threshold=float(loaded.threshold),
         median_size=loaded.median_size,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import dask
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from pipeline.cli.segment import ClusterKind, cluster_overrides
 from pipeline.cluster import batch_job_options, dask_client, restored_environ, walltime_seconds, worker_environment
+from pipeline.config import load_config
 from pipeline.config.cluster import AddressClusterConfig, BatchClusterConfig, LocalClusterConfig
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
@@ -94,12 +96,19 @@ def test_bad_cluster_sections_are_refused(fields: dict, message: str) -> None:
 
 def test_cluster_options_start_a_new_section_or_set_fields() -> None:
     assert cluster_overrides(None, max_jobs=None, queue="gpu") == {"cluster.queue": "gpu"}
-    assert cluster_overrides(ClusterKind.slurm, max_jobs=8, gpus_per_job=1, queue=None) == {
-        "cluster": {"kind": "slurm", "max_jobs": 8, "gpus_per_job": 1}
+    slurm = cluster_overrides(ClusterKind.slurm, max_jobs=8, gpus_per_job=1, queue=None)
+    assert slurm["cluster"] == {"kind": "slurm", "max_jobs": 8, "gpus_per_job": 1}
+    assert cluster_overrides(None, scheduler_file="/s.json")["cluster"] == {
+        "kind": "scheduler_file",
+        "scheduler_file": "/s.json",
     }
-    assert cluster_overrides(None, scheduler_file="/s.json") == {
-        "cluster": {"kind": "scheduler_file", "scheduler_file": "/s.json"}
-    }
+
+
+def test_a_cluster_option_replaces_the_job_files_cluster_and_its_short_forms(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("input: a.zarr/raw\noutput: b.zarr/p\nworkers: 2\ncluster: {kind: local, memory_limit: 2GiB}\n")
+    cfg = load_config(SegmentConfig, job, cluster_overrides(ClusterKind.slurm, max_jobs=4))
+    assert cfg.cluster == BatchClusterConfig(kind="slurm", max_jobs=4)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("01:00:00", 3600), ("1-02:03:04", 93784), ("00:10", 600)])

@@ -48,6 +48,6 @@ def worker_predictor() -> Any:
     from pipeline.errors import ModelLoadError
 
     plugin = get_worker().plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.predictor is None:
+    if not isinstance(plugin, ModelPlugin) or plugin.predictor is None:
         raise ModelLoadError("this Dask worker has no network loaded: register ModelPlugin before submitting blocks")
     return plugin.predictor

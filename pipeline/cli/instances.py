@@ -49,4 +49,4 @@ def instances(
     if result.failures:
         print_failures(console, result.failures)
         raise typer.Exit(1)
-    console.print(f"view: {view_command([cfg.input, result.output])}", highlight=False)
+    console.print(f"view: {view_command([url for url in (cfg.input, result.output) if url])}", highlight=False)

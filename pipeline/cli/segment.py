@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import ConfigError
+from pipeline.geometry import as_zyx
 
 
 def parse_zyx(text: str | None, option: str) -> tuple[int, int, int] | None:
@@ -21,7 +22,7 @@ def parse_zyx(text: str | None, option: str) -> tuple[int, int, int] | None:
         raise ConfigError(f"{option} {text!r} must be three integers Z,Y,X such as 64,256,256") from err
     if len(values) != 3:
         raise ConfigError(f"{option} {text!r} must be three integers Z,Y,X such as 64,256,256")
-    return values  # type: ignore[return-value]
+    return as_zyx(values, option)
 
 
 def parse_fractions(text: str | None, option: str) -> float | list[float] | None:
@@ -45,11 +46,13 @@ class ClusterKind(str, Enum):
 
 def cluster_overrides(kind: ClusterKind | None, **fields: object) -> dict[str, object]:
     """Config overrides from the cluster options: `--cluster` starts a new section, the others set its fields."""
+    from pipeline.config import REMOVE
+
     given = {name: value for name, value in fields.items() if value is not None}
     if kind is None and "scheduler_file" in given:
         kind = ClusterKind.scheduler_file
-    if kind is not None:
-        return {"cluster": {"kind": kind.value, **given}}
+    if kind is not None:  # the job file's cluster, and its short forms, give way
+        return {"cluster": {"kind": kind.value, **given}, "workers": REMOVE, "scheduler": REMOVE}
     return {f"cluster.{name}": value for name, value in given.items()}
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+REMOVE = object()  # an override value that deletes the field from the file's job (e.g. a new cluster's short forms)
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:
@@ -42,8 +43,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> M:
-    """Validate a job from an optional YAML file with command-line `overrides` (None values are ignored; a dotted
-    key such as `optim.time_budget_minutes` sets a field of a section, keeping the section's other fields)."""
+    """Validate a job from an optional YAML file with command-line `overrides` (None values are ignored, REMOVE
+    deletes the field; a dotted key such as `optim.time_budget_minutes` sets a field of a section, keeping the
+    section's other fields)."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "command-line options"
     for key, value in (overrides or {}).items():
@@ -54,7 +56,10 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: dict[
                 section = section.setdefault(part, {})
                 if not isinstance(section, dict):
                     raise ConfigError(f"invalid configuration in {source}: {part} must be a mapping of fields")
-            section[name] = value
+            if value is REMOVE:
+                section.pop(name, None)
+            else:
+                section[name] = value
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -12,13 +12,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
 
 from pipeline.config.network import NetworkConfig
 from pipeline.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from pipeline.network.model import ResUNet
 
 FORMAT = "mitoseg-checkpoint"
 VERSION = 1
@@ -102,7 +105,7 @@ def save_checkpoint(
 class LoadedCheckpoint:
     """A checkpoint read back: the ready network (eval mode) and what inference needs to know."""
 
-    network: torch.nn.Module
+    network: ResUNet
     network_config: NetworkConfig
     content_hash: str
     threshold: float

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.network import NetworkConfig
+from pipeline.geometry import as_zyx
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -37,7 +38,7 @@ class PlanarConv3d(nn.Conv3d):
 
 
 def _conv(cin: int, cout: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
-    padding = tuple(k // 2 for k in kernel)
+    padding = (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
     cls = PlanarConv3d if kernel[0] == 1 and stride[0] == 1 else nn.Conv3d
     return cls(cin, cout, kernel, stride=stride, padding=padding, bias=False)
 
@@ -79,6 +80,9 @@ class ProjectionHead(nn.Module):
 
 
 class ResUNet(nn.Module):
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
     """Anisotropic residual U-Net with additive skips, mask/contour heads and an optional projection head."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
@@ -113,7 +117,7 @@ class ResUNet(nn.Module):
     @property
     def context(self) -> tuple[int, int, int]:
         """Margin in voxels (z, y, x) per side that inference crops from each patch output."""
-        return tuple(self.config.context)  # type: ignore[return-value]
+        return as_zyx(self.config.context, "network.context")
 
     @property
     def size_divisor(self) -> tuple[int, int, int]:

@@ -30,10 +30,10 @@ def predict_volume(
     """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume in memory, predicted as `segment` predicts a volume
     (its patch grid, mirror padding and Gaussian blending; `pipeline.stitching`), with test-time augmentation
     `tta`. The network must be in eval mode."""
-    grid = PatchGrid.with_overlap(patch_shape, context, overlap, raw.shape)  # type: ignore[arg-type]
+    grid = PatchGrid.with_overlap(patch_shape, context, overlap, raw.shape)
     whole = Roi((0, 0, 0), raw.shape)
     read_roi = grid.read_roi(whole)
-    padded = read_mirrored(lambda roi: raw[None][(slice(None), *roi.to_slices())], read_roi, raw.shape)  # type: ignore[arg-type]
+    padded = read_mirrored(lambda roi: raw[None][(slice(None), *roi.to_slices())], read_roi, raw.shape)
     crop = (slice(None), *(slice(c, c + o) for c, o in zip(context, grid.output_shape, strict=True)))
 
     def forward(patch: np.ndarray) -> np.ndarray:
