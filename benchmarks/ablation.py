@@ -1,4 +1,4 @@
-"""Ablation of the method note: the four loss/sampling rows at the same budget and seeds.
+"""Ablation of Li et al. (EMBC 2021): the four loss/sampling rows at the same budget and seeds.
 
     .venv/bin/python benchmarks/ablation.py                  # small budget, synthetic data, minutes on CPU
     .venv/bin/python benchmarks/ablation.py --iterations 2000 --seeds 0 1 2 --data lucchi   # bigger budget

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def peak_rss_mb() -> float:
     """This process's own peak resident memory (VmHWM on Linux).
@@ -99,7 +97,7 @@ def run_case(shape: tuple[int, int, int], args: argparse.Namespace, workdir: Pat
         rss = client.run(peak_rss_mb)
     run = prepare(cfg)
     torch.set_num_threads(os.cpu_count() or 1)  # all the cores the workers shared
-    seconds, patches = bare_forward(run, Predictor(str(args.checkpoint)))
+    seconds, patches = bare_forward(run, Predictor(args.checkpoint))
     whole = sum(1 for _ in run.job.grid.tiles(Roi((0, 0, 0), shape)))
     return {
         "shape": shape,
@@ -121,7 +119,7 @@ def main() -> None:
         # bare forward pass in this process is measured under the same conditions as the workers'
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **start_env})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "demo.pt")
+    parser.add_argument("--checkpoint", default="demo", help="a shipped network name or a .pt file")
     parser.add_argument("--small", default="32,256,256", help="Smaller volume Z,Y,X; the larger is 2x per axis.")
     parser.add_argument("--block", default="32,256,256", help="Write block Z,Y,X.")
     parser.add_argument("--workers", type=int, default=1)
@@ -132,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_case(s, args, Path(tmp)) for s in (small, large)]
     cores = os.cpu_count()
-    print(f"\nsegment vs bare network ({args.workers} worker(s), {cores} cores, {args.checkpoint.name})")
+    print(f"\nsegment vs bare network ({args.workers} worker(s), {cores} cores, {args.checkpoint})")
     print(
         f"{'volume (z,y,x)':>18} {'voxels':>11} {'blocks':>6} {'segment Mvox/s':>15} {'bare Mvox/s':>12} "
         f"{'ratio':>6} {'patches/1-block':>16} {'peak RSS/worker':>16}"

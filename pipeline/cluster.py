@@ -28,7 +28,7 @@ def worker_environment(threads: int) -> dict[str, str]:
 
     They go in Dask's `distributed.nanny.pre-spawn-environ` (a LocalCluster's `env=` is applied after the
     worker has started, too late for malloc). Tuned malloc reuses freed activation buffers instead of
-    unmapping and faulting them in again every forward pass (up to 1.2x faster on CPU, see perf notes).
+    unmapping and faulting them in again every forward pass (up to 1.2x faster on CPU; benchmarks/throughput.py).
     """
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.update(

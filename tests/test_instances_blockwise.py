@@ -148,7 +148,7 @@ def test_diagonal_contact_across_a_corner_joins_only_with_26_connectivity(client
 
 
 def watershed_oracle(probs: np.ndarray, min_size: int, connectivity: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-volume seeded watershed (method note defaults) and its seed mask, computed directly in one call.
+    """Whole-volume seeded watershed (the default decoding settings) and its seed mask, computed directly in one call.
 
     Ties between equal mask values are broken by raster order (the stage's documented rule): the flooding
     priority is the rank of each voxel by (mask descending, raster index ascending) over the whole volume.

@@ -60,7 +60,7 @@ class Predictor:
             self._optimize()
 
     def _optimize(self) -> None:
-        """Fold batch norm into the convolutions and use channels-last 3D (1.5-2x on CPU, see perf notes).
+        """Fold batch norm into the convolutions and use channels-last 3D (1.5-2x on CPU; benchmarks/throughput.py).
 
         The folded network is checked against the original on a random patch and dropped if they differ.
         """

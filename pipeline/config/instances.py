@@ -12,7 +12,7 @@ LABEL_DTYPES = ("uint64", "uint32")
 
 
 class DecodeConfig(BaseModel):
-    """How a probability block becomes labelled objects (defaults from the method note)."""
+    """How a probability block becomes labelled objects (defaults of Li et al., EMBC 2021)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class NetworkConfig(BaseModel):
-    """An anisotropic residual 3D U-Net in the style of Res-UNet-R (see the method note)."""
+    """An anisotropic residual 3D U-Net in the style of Res-UNet-R (Li et al., EMBC 2021)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""Training losses: class-balanced BCE + Dice per head, and the two contrastive terms of the method note."""
+"""Training losses: class-balanced BCE + Dice per head, and the two contrastive terms of Li et al. (EMBC 2021)."""
 
 from __future__ import annotations
 
