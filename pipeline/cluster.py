@@ -67,7 +67,7 @@ def wait_for_workers(client: Any, cluster: ClusterConfig) -> None:
     try:
         client.wait_for_workers(cluster.min_workers, timeout=cluster.wait_s)
     except TimeoutError as err:
-        present = len(client.scheduler_info().get("workers", {}))
+        present = client.scheduler_info(n_workers=0)["n_workers"]
         raise ConfigError(
             f"only {present} of {cluster.min_workers} Dask worker(s) joined within {cluster.wait_s:.0f} s "
             f"({cluster.kind} cluster): check that worker jobs start (squeue, the workers' logs), or lower "

@@ -130,10 +130,12 @@ def run_blockwise(
     done_ids = done.load() if done is not None else set()
 
     def in_flight_limit() -> int:
-        """`max_in_flight`, or twice the workers present now plus two: it follows workers as they join and leave."""
+        """`max_in_flight`, or twice the workers present now plus two: it follows workers as they join and leave.
+
+        Asked once per finished block, for the worker count only (no per-worker details from the scheduler)."""
         if max_in_flight is not None:
             return max_in_flight
-        return 2 * max(1, len(client.scheduler_info().get("workers", {}))) + 2
+        return 2 * max(1, int(client.scheduler_info(n_workers=0)["n_workers"])) + 2
 
     pending: dict[Any, Block] = {}
     queue = completions()
@@ -163,7 +165,8 @@ def run_blockwise(
         return False
 
     with _progress(description, plan.num_blocks, progress) as advance:
-        while len(pending) < in_flight_limit() and submit_next():
+        limit = in_flight_limit()
+        while len(pending) < limit and submit_next():
             pass
         for future in queue:
             block = pending.pop(future)
@@ -183,7 +186,8 @@ def run_blockwise(
                 result.failures.append(BlockFailure(block_id, roi_key(block.write_roi), text))
                 advance(1, 0)
             future.release()
-            while len(pending) < in_flight_limit() and submit_next():
+            limit = in_flight_limit()
+            while len(pending) < limit and submit_next():
                 pass
     result.seconds = time.perf_counter() - start
     return result

@@ -71,8 +71,9 @@ class FakeClient:
         self.in_flight = self.most_in_flight = 0
         self.submitted: list[dict[str, Any]] = []
 
-    def scheduler_info(self) -> dict[str, Any]:
-        return {"workers": {f"worker-{i}": {} for i in range(self.workers)}}
+    def scheduler_info(self, n_workers: int = -1) -> dict[str, Any]:
+        shown = self.workers if n_workers < 0 else min(n_workers, self.workers)
+        return {"n_workers": self.workers, "workers": {f"worker-{i}": {} for i in range(shown)}}
 
     def submit(self, func: Callable[..., Any], *args: Any, key: str, retries: int, resources: Any, pure: bool) -> Any:
         self.submitted.append({"key": key, "retries": retries, "resources": resources, "pure": pure})

@@ -31,8 +31,8 @@ class NoClient:
     def submit(self, *args, **kwargs):
         raise AssertionError("work was submitted")
 
-    def scheduler_info(self):
-        return {"workers": {}}
+    def scheduler_info(self, n_workers=-1):
+        return {"n_workers": 0, "workers": {}}
 
 
 CASES = [
