@@ -54,6 +54,7 @@ def _register() -> None:
     from pipeline.cli.instances import instances
     from pipeline.cli.segment import segment
     from pipeline.cli.train import train
+    from pipeline.cli.versions import app as versions
     from pipeline.cli.view import view
 
     for name, command in (
@@ -66,6 +67,7 @@ def _register() -> None:
     ):
         app.command(name)(command)
     app.add_typer(checkpoint)
+    app.add_typer(versions)
 
 
 _register()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pipeline.volumes.base import Volume, VolumeMeta
 from pipeline.volumes.url import VolumeURL, parse_volume_url
 
-__all__ = ["Volume", "VolumeMeta", "VolumeURL", "create_volume", "open_volume", "parse_volume_url", "volume_exists"]
+__all__ = ["Volume", "VolumeMeta", "VolumeURL", "create_volume", "open_volume", "parse_volume_url", "resolve_version", "volume_exists"]
 
 
 def _backend(url: VolumeURL) -> Any:
@@ -20,10 +21,24 @@ def _backend(url: VolumeURL) -> Any:
     return ZarrVolume
 
 
-def open_volume(url: str | VolumeURL, mode: str = "r", scale: int = 0) -> Volume:
-    """Open an existing volume for reading (`mode="r"`) or reading and writing (`mode="r+"`)."""
+def open_volume(url: str | VolumeURL, mode: str = "r", scale: int = 0, resolve: bool = True) -> Volume:
+    """Open an existing volume for reading (`mode="r"`) or reading and writing (`mode="r+"`).
+
+    With `resolve`, a versioned output opens at its current version (`pipeline.versions`); writers that
+    address one version pass `resolve=False`.
+    """
     parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
+    if resolve:
+        parsed = resolve_version(parsed)
     return _backend(parsed).open(parsed, mode=mode, scale=scale)
+
+
+def resolve_version(url: VolumeURL) -> VolumeURL:
+    """`url` at the current version of the output stored there (itself when it was never versioned)."""
+    from pipeline.versions import current_location
+
+    location = current_location(url.location)
+    return url if location == url.location else replace(url, location=location)
 
 
 def create_volume(url: str | VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> Volume:
