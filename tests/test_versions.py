@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_readers_see_the_old_version_until_the_pointer_switches(output):
     switch(location, "keyB")
     assert open_volume(url).read(META.roi).max() == 2
     assert open_volume(url, resolve=False).read(META.roi).max() == 1  # the original is untouched
-    pointer = json.loads(open(pointer_location(location).removeprefix("file://")).read())
+    pointer = json.loads(Path(pointer_location(location).removeprefix("file://")).read_text())
     assert pointer["version"] == "keyB"
 
 
@@ -100,7 +101,7 @@ def test_a_damaged_pointer_is_an_error_not_the_original(output):
     url, location = output
     path = pointer_location(location).removeprefix("file://")
     switch(location, ORIGINAL)
-    open(path, "w").write("{trunc")
+    Path(path).write_text("{trunc")
     with pytest.raises(StorageError, match="version pointer"):
         open_volume(url)
 

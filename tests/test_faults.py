@@ -1,0 +1,158 @@
+"""The fault suite: workers killed mid-block, the whole run killed and restarted, storage that fails.
+
+Every case runs on real worker processes and asserts that the final output equals an uninterrupted run's, bit
+for bit, and that the result reports what happened (exit status through the CLI where the CLI is the thing run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import em_like, write_raw
+
+from pipeline.config.segment import SegmentConfig
+from pipeline.faults import FailWrites, KillWorkerAtBlock
+from pipeline.segment import segment
+from pipeline.volumes import open_volume
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+SHAPE = (32, 64, 96)
+BLOCK = (16, 32, 32)  # 2 x 2 x 3 = 12 blocks
+STRUCK = [(0, 32, 32), (16, 0, 64)]
+
+
+@pytest.fixture(scope="module")
+def processes():
+    """Two worker processes (a nanny restarts a killed one), shared by the module's tests."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def raw_url(tmp_path_factory) -> str:
+    return write_raw(f"zarr://file://{tmp_path_factory.mktemp('raw')}/em.zarr/raw", em_like(SHAPE, seed=3))
+
+
+def job(raw_url: str, out: str, ckpt: Path, **kw) -> SegmentConfig:
+    base = dict(input=raw_url, output=[out], checkpoint=ckpt, block_size=BLOCK, chunk_size=BLOCK, pyramid=False)
+    return SegmentConfig(**{**base, **kw})
+
+
+def read_all(url: str) -> np.ndarray:
+    volume = open_volume(url)
+    return volume.read(volume.meta.roi)
+
+
+@pytest.fixture(scope="module")
+def reference(processes, raw_url, tiny_checkpoint, tmp_path_factory) -> np.ndarray:
+    out = f"zarr://file://{tmp_path_factory.mktemp('ref')}/p.zarr"
+    result = segment(job(raw_url, out, tiny_checkpoint), client=processes, progress=False)
+    assert result.run.ok and result.run.completed == 12
+    return read_all(out)
+
+
+def run_with(client, plugin, config: SegmentConfig):
+    """Run `config` with the fault `plugin` on every worker, then remove the fault."""
+    client.register_plugin(plugin)
+    try:
+        return segment(config, client=client, progress=False)
+    finally:
+        client.unregister_worker_plugin(plugin.name)
+
+
+def test_a_worker_killed_mid_block_loses_nothing(processes, raw_url, tiny_checkpoint, reference, tmp_path):
+    out = f"zarr://file://{tmp_path}/p.zarr"
+    fault = KillWorkerAtBlock(STRUCK, str(tmp_path / "markers"))
+    result = run_with(processes, fault, job(raw_url, out, tiny_checkpoint))
+    assert fault.count() == 2  # both workers were killed once, mid-block
+    assert result.run.ok and result.run.completed == 12
+    assert np.array_equal(read_all(out), reference)
+    assert open_volume(out).provenance["complete"] is True
+
+
+def test_a_block_that_always_kills_its_worker_is_reported_and_the_rest_written(
+    processes, raw_url, tiny_checkpoint, reference, tmp_path
+):
+    out = f"zarr://file://{tmp_path}/p.zarr"
+    fault = KillWorkerAtBlock(STRUCK[:1], str(tmp_path / "markers"), always=True)
+    result = run_with(processes, fault, job(raw_url, out, tiny_checkpoint))
+    failed = [f.write_roi for f in result.run.failures]
+    # Dask gives up on a task after its workers died 4 times; tasks queued on the same dying workers may share
+    # that fate: each is reported, and every other block is written
+    assert "0,32,32:16,32,32" in failed
+    assert result.run.completed + len(failed) == 12 and result.run.completed >= 6
+    assert open_volume(out).provenance["complete"] is False
+    again = segment(job(raw_url, out, tiny_checkpoint), client=processes, progress=False)  # the fault is gone
+    assert again.run.ok and again.run.completed == len(failed)  # only the failed blocks are computed
+    assert np.array_equal(read_all(out), reference)
+
+
+def test_transient_write_failures_are_retried(processes, raw_url, tiny_checkpoint, reference, tmp_path):
+    out = f"zarr://file://{tmp_path}/p.zarr"
+    fault = FailWrites(STRUCK, str(tmp_path / "markers"))
+    result = run_with(processes, fault, job(raw_url, out, tiny_checkpoint))
+    assert fault.count() == 2
+    assert result.run.ok and result.run.completed == 12
+    assert np.array_equal(read_all(out), reference)
+
+
+def test_a_permanently_unwritable_block_is_reported_then_repaired(
+    processes, raw_url, tiny_checkpoint, reference, tmp_path
+):
+    out = f"zarr://file://{tmp_path}/p.zarr"
+    fault = FailWrites(STRUCK[1:], str(tmp_path / "markers"), always=True)
+    result = run_with(processes, fault, job(raw_url, out, tiny_checkpoint, retries=1))
+    assert len(result.run.failures) == 1
+    failure = result.run.failures[0]
+    assert failure.write_roi == "16,0,64:16,32,32" and "injected storage fault" in failure.error
+    assert open_volume(out).provenance["complete"] is False
+    again = segment(job(raw_url, out, tiny_checkpoint), client=processes, progress=False)
+    assert again.run.ok and again.run.completed == 1
+    assert np.array_equal(read_all(out), reference)
+
+
+def _chunks_written(path: Path) -> int:
+    """Data chunks in a zarr output (every file that is not metadata)."""
+    return sum(1 for p in path.rglob("*") if p.is_file() and not p.name.startswith((".z", "zarr.json")))
+
+
+def test_the_whole_run_killed_and_restarted_loses_nothing(raw_url, tiny_checkpoint, reference, tmp_path):
+    """`mitoseg segment` SIGKILLed (client, scheduler and workers at once) after some blocks, then run again."""
+    out_path = tmp_path / "p.zarr"
+    config = {
+        "input": raw_url,
+        "output": f"zarr://file://{out_path}",
+        "checkpoint": str(tiny_checkpoint),
+        "block_size": list(BLOCK),
+        "chunk_size": list(BLOCK),
+        "pyramid": False,
+        "cluster": {"kind": "local", "workers": 1},
+    }
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "pipeline", "segment", str(job_file)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while _chunks_written(out_path) < 3 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed: " + first.stdout.read().decode()[-2000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    written = _chunks_written(out_path)
+    assert 0 < written < 12
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert np.array_equal(read_all(f"zarr://file://{out_path}"), reference)
+    assert open_volume(f"zarr://file://{out_path}").provenance["complete"] is True
