@@ -99,7 +99,7 @@ class FailWrites(_Fault):
             original(volume, roi, data)
 
         write.__wrapped__ = original  # type: ignore[attr-defined]
-        Volume.write = write  # type: ignore[method-assign]
+        Volume.write = write  # type: ignore[method-assign,assignment]
 
     def teardown(self, worker: Any) -> None:
         from pipeline.volumes.base import Volume
