@@ -72,3 +72,46 @@ def chunk_rois(region: Roi, chunks: Iterable[int], within: Roi | None = None) ->
     within = region if within is None else within
     for index in itertools.product(*cell_ranges(region, chunks)):
         yield Roi([i * c for i, c in zip(index, chunks, strict=True)], chunks).intersect(within)
+
+
+def grid_shape(shape: Iterable[int], cell: Iterable[int]) -> Vec3:
+    """Number of grid cells of shape `cell` along each axis of a volume of `shape` (the last ones clipped)."""
+    return tuple(-(-s // c) for s, c in zip(shape, cell, strict=True))  # type: ignore[return-value]
+
+
+def morton_box(grid: Iterable[int], bits: int) -> Vec3:
+    """The (z, y, x) cells spanned by the lowest `bits` bits of a compressed Morton code over a grid of `grid` cells.
+
+    Neuroglancer's precomputed sharding numbers chunks by compressed Morton code: bit by bit, x, then y, then z,
+    skipping an axis once its cells are all numbered. With the identity hash, a shard holds the chunks whose codes
+    agree above `preshift_bits + minishard_bits`: an aligned box of this shape (in chunks).
+    """
+    z, y, x = (int(g) for g in grid)
+    sizes = {"x": x, "y": y, "z": z}
+    spans = {"x": 1, "y": 1, "z": 1}
+    level, left = 0, bits
+    while left > 0 and any(2**level < n for n in sizes.values()):
+        for axis in ("x", "y", "z"):
+            if left > 0 and 2**level < sizes[axis]:
+                spans[axis] *= 2
+                left -= 1
+        level += 1
+    return (spans["z"], spans["y"], spans["x"])
+
+
+def check_ownership(
+    block_shape: Vec3, unit_shape: Vec3, unit: str = "output chunks", name: str = "block shape"
+) -> None:
+    """Refuse a block shape (`name`) that is not a whole number of `unit_shape` cells on every axis.
+
+    This is the whole proof that each unit (chunk or shard) has one writer: both grids are anchored at the
+    volume origin, so a block cell `[i * b, (i + 1) * b)` with `b = k * u` is exactly the units `[i * k, (i + 1) * k)`.
+    A region of interest only clips blocks; a clipped unit still lies in one block's cell.
+    """
+    if any(u <= 0 for u in unit_shape):
+        raise GeometryError(f"{unit} shape {unit_shape} must be > 0 on every axis (z, y, x)")
+    if any(b <= 0 or b % u for b, u in zip(block_shape, unit_shape, strict=True)):
+        raise GeometryError(
+            f"{name} {block_shape} is not a whole number of {unit} {unit_shape} on every axis; "
+            f"use multiples such as {whole_chunks(block_shape, unit_shape)}"
+        )

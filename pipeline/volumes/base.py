@@ -31,6 +31,8 @@ class VolumeMeta:
     voxel_size_nm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     voxel_offset: Vec3 = (0, 0, 0)
     layer_type: LayerType = "image"
+    shards: Vec3 | None = None
+    """Shard (z, y, x voxels, whole chunks) of a sharded volume, one file per shard; None: one file per chunk."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -38,11 +40,20 @@ class VolumeMeta:
         """The whole volume as a region in voxels from the array start."""
         return Roi((0, 0, 0), self.shape)
 
+    @property
+    def write_unit(self) -> Vec3:
+        """What one writer must own whole: the shard of a sharded volume, else the chunk.
+
+        Two writers of one shard lose data: each rewrites the whole shard file."""
+        return self.shards or self.chunks
+
     def derive(self, **changes: Any) -> VolumeMeta:
-        """A copy with some fields changed (e.g. the metadata of an output made from an input)."""
+        """A copy with some fields changed (e.g. the metadata of an output made from an input).
+
+        Sharding is a layout choice of one stored volume: a derived volume is unsharded unless `shards` is given."""
         if "dtype" in changes:
             changes["dtype"] = np.dtype(changes["dtype"])
-        return replace(self, **changes)
+        return replace(self, **{"shards": None, **changes})
 
 
 class Volume(ABC):
@@ -86,6 +97,11 @@ class Volume(ABC):
             except Exception:
                 return roi_key(cell)
         return None
+
+    def missing_chunks(self, roi: Roi) -> list[Roi]:
+        """The stored chunks (or shards) of `roi` absent from storage, which read as the fill value; backends that
+        can tell override this."""
+        return []
 
     def write(self, roi: Roi, data: np.ndarray) -> None:
         """Store (channels, z, y, x) `data` at `roi`."""
