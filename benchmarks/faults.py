@@ -48,7 +48,7 @@ def read_all(url: str) -> np.ndarray:
 
 
 def exit_status(result) -> int:  # noqa: ANN001
-    return 0 if result.run.ok else 1
+    return 0 if not result.failures else 1
 
 
 def main() -> None:

@@ -28,3 +28,7 @@ class BlockFailedError(MitosegError):
 
 class ModelLoadError(MitosegError):
     """A checkpoint cannot be loaded or does not describe a usable network."""
+
+
+class LeaseHeldError(MitosegError):
+    """Another run holds the lease on an output (one writer at a time)."""

@@ -7,46 +7,69 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli.options import config_default
+from pipeline.config.instances import InstancesConfig
+
 
 def instances(
     config: Annotated[Path | None, typer.Argument(help="YAML job file (configs/*.yaml); options override it.")] = None,
     input: Annotated[str | None, typer.Option("--input", help="Probability volume URL (from segment).")] = None,
     output: Annotated[str | None, typer.Option("--output", help="Label volume URL (zarr or precomputed).")] = None,
     table: Annotated[str | None, typer.Option("--table", help="Object table path (.parquet or .csv).")] = None,
-    block_size: Annotated[str | None, typer.Option("--block-size", help="Block Z,Y,X in voxels.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Local Dask worker processes.")] = None,
+    block_size: Annotated[
+        str | None,
+        typer.Option("--block-size", help="Block Z,Y,X in voxels.", show_default="whole chunks near 64,256,256"),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Local Dask worker processes.",
+            show_default=config_default(InstancesConfig, "cluster.workers"),
+        ),
+    ] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Break another run's lease on the output (only when that run is gone).")
+    ] = False,
+    summary_json: Annotated[
+        Path | None,
+        typer.Option("--summary-json", help="Write counts, failures, durations and versions here as JSON."),
+    ] = None,
 ) -> None:
     """Decode instances blockwise with IDs consistent across block borders; measure every object."""
     from rich.console import Console
 
     from pipeline.cli.report import print_failures, print_instances
     from pipeline.cli.segment import parse_zyx
+    from pipeline.cli.summary import summarised
     from pipeline.cluster import dask_client
     from pipeline.config import load_config
-    from pipeline.config.instances import InstancesConfig
     from pipeline.instances.run import prepare_instances, run_instances
     from pipeline.viewing import view_command
 
-    overrides = {
-        "input": input,
-        "output": output,
-        "table": table,
-        "block_size": parse_zyx(block_size, "--block-size"),
-        "workers": workers,
-        "scheduler": scheduler,
-        "roi": roi,
-        "resume": False if no_resume else None,
-    }
-    cfg = load_config(InstancesConfig, config, overrides)
-    job = prepare_instances(cfg)  # every check before the cluster starts
-    with dask_client(cfg.cluster) as client:
-        result = run_instances(job, client)
-    console = Console(soft_wrap=True)
-    print_instances(console, result)
-    if result.failures:
-        print_failures(console, result.failures)
-        raise typer.Exit(1)
-    console.print(f"view: {view_command([url for url in (cfg.input, result.output) if url])}", highlight=False)
+    with summarised(summary_json, "instances", input) as summary:
+        overrides = {
+            "input": input,
+            "output": output,
+            "table": table,
+            "block_size": parse_zyx(block_size, "--block-size"),
+            "workers": workers,
+            "scheduler": scheduler,
+            "roi": roi,
+            "resume": False if no_resume else None,
+        }
+        cfg = load_config(InstancesConfig, config, overrides)
+        summary.input = cfg.input
+        job = prepare_instances(cfg)  # every check before the cluster starts
+        with dask_client(cfg.cluster) as client:
+            result = run_instances(job, client, force=force)
+        summary.add_instances(result)
+        console = Console(soft_wrap=True)
+        print_instances(console, result)
+        if result.failures:
+            print_failures(console, result.failures)
+            raise typer.Exit(1)
+        console.print(f"view: {view_command([url for url in (cfg.input, result.output) if url])}", highlight=False)

@@ -38,6 +38,9 @@ from pipeline.instances.merge import Merged, block_tables, merge_objects
 from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
 from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key, state_location
+from pipeline.storage import configure, redact
+from pipeline.viewing.meshes import MeshResult, add_meshes
+from pipeline.viewing.pyramid import PyramidResult, add_pyramid
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,11 @@ class InstancesResult:
     seconds: dict[str, float] = field(default_factory=dict)
     fixup_failures: list[BlockFailure] = field(default_factory=list)
     """Fix-ups that failed after their retries; the run stops before relabelling (decode and match stay done)."""
+    pyramid: PyramidResult | None = None
+    meshes: MeshResult | None = None
+    """The viewing stages (`viewing: true`), after relabelling; their failures count like any other."""
+    lease_failures: list[BlockFailure] = field(default_factory=list)
+    """The output's lease, when another run took it over during this one."""
 
     @property
     def passes(self) -> list[RunResult]:
@@ -70,11 +78,16 @@ class InstancesResult:
 
     @property
     def ok(self) -> bool:
-        return self.relabel is not None and all(r.ok for r in self.passes)
+        return self.relabel is not None and not self.failures
 
     @property
-    def failures(self) -> list[Any]:
-        return [f for r in self.passes for f in r.failures] + self.fixup_failures
+    def failures(self) -> list[BlockFailure]:
+        found = [f for r in self.passes for f in r.failures] + self.fixup_failures + self.lease_failures
+        if self.pyramid is not None:
+            found += self.pyramid.failures
+        if self.meshes is not None and self.meshes.run is not None:
+            found += [replace(f, unit=f"{self.output} mesh block") for f in self.meshes.run.failures]
+        return found
 
 
 def resolve_decode(cfg: DecodeConfig, source: Volume) -> DecodeConfig:
@@ -199,7 +212,7 @@ class InstancesJob:
     def record(self) -> dict[str, Any]:
         """What defines the job's labels, for keys and provenance."""
         return {
-            "input": self.input_url,
+            "input": redact(self.input_url),
             "roi": roi_key(self.region),
             "block": list(self.block_shape),
             "decode": self.decode.model_dump(),
@@ -210,6 +223,7 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     """Check a job without starting any work: input channels and type, method, region, block plan, ID space."""
     if not config.input or not config.output:
         raise ConfigError("instances needs an input and an output: set them in the job file or pass --input/--output")
+    configure(config.storage.s3_endpoint_url)  # before any volume opens, and before local workers start
     source = open_volume(config.input)
     source.require_complete("decoding instances from it")
     decode = resolve_decode(config.decode, source)
@@ -226,9 +240,24 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     return replace(job, key=key, state=f"{state_location(output.location)}/instances/{key}")
 
 
-def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress: bool = True) -> InstancesResult:
-    """Decode the input into globally consistent instance IDs in the output, with an object table."""
+def run_instances(
+    config: InstancesConfig | InstancesJob, client: Any, progress: bool = True, force: bool = False
+) -> InstancesResult:
+    """Decode the input into globally consistent instance IDs in the output, with an object table.
+
+    The run holds the output's lease throughout (`pipeline.lease`); `force` breaks another run's."""
+    from pipeline.lease import Lease
+
     job = config if isinstance(config, InstancesJob) else prepare_instances(config)
+    with Lease(parse_volume_url(job.output_url).location, force=force) as lease:
+        result = _run_instances(job, client, progress)
+    lost = lease.failure()
+    if lost is not None:
+        result.lease_failures.append(lost)
+    return result
+
+
+def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesResult:
     cfg, plan, meta, state = job.config, job.plan, job.meta, job.state
     output_location = parse_volume_url(job.output_url).location
     scratch_url = f"zarr://{state}/provisional"
@@ -274,14 +303,11 @@ def run_instances(config: InstancesConfig | InstancesJob, client: Any, progress:
     if cfg.table:
         write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), cfg.table)
         result.table = cfg.table
-    if not cfg.keep_scratch:
-        _remove_state(state, list(markers.values()))
     if cfg.viewing:
-        from pipeline.viewing.meshes import add_meshes
-        from pipeline.viewing.pyramid import add_pyramid
-
-        add_pyramid(client, job.output_url, progress=progress)
-        add_meshes(client, job.output_url, progress=progress)
+        result.pyramid = add_pyramid(client, job.output_url, progress=progress)
+        result.meshes = add_meshes(client, job.output_url, progress=progress)
+    if not cfg.keep_scratch and result.ok:  # after a failed viewing stage a re-run reuses decode, match, relabel
+        _remove_state(state, list(markers.values()))
     return result
 
 

@@ -5,21 +5,28 @@ halves the axes whose voxel size is below twice the finest one (anisotropic EM f
 down to a few chunks across. Precomputed layers get new scales in their `info`; OME-Zarr groups get
 arrays `s1`, `s2`, … and their `multiscales` metadata. Every level is written by chunk-aligned blocks, so
 no two workers write the same chunk, and is read back from the level above it.
+
+A finished pyramid is recorded in the volume's run state (`<volume>.mitoseg/pyramid.json`, with the key of the
+job that wrote level 0), so a re-run of an unchanged job skips it, and one whose pyramid failed builds it again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from daisy import Block, Roi
 
 from pipeline.errors import StorageError
-from pipeline.execution import RunResult, run_blockwise
+from pipeline.execution import BlockFailure, RunResult, run_blockwise
 from pipeline.geometry import Vec3, whole_chunks
 from pipeline.plan import plan_blocks
+from pipeline.resume import state_location
+from pipeline.storage import filesystem
 from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
 from pipeline.volumes.zarr_volume import ZarrVolume, ome_multiscales_attrs
@@ -63,6 +70,36 @@ class PyramidResult:
     @property
     def failed(self) -> int:
         return sum(run.failed for run in self.runs)
+
+    @property
+    def failures(self) -> list[BlockFailure]:
+        """The failed blocks of every level, each named by its volume and level."""
+        return [
+            replace(failure, unit=f"{self.url} pyramid s{level.index} block")
+            for level, run in zip(self.levels, self.runs, strict=True)
+            for failure in run.failures
+        ]
+
+
+def _record_path(url: str) -> tuple[Any, str]:
+    return filesystem(f"{state_location(parse_volume_url(url).location)}/pyramid.json")
+
+
+def _record(url: str, key: str, levels: int) -> None:
+    fs, path = _record_path(url)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps({"job_key": key, "levels": levels}).encode())
+
+
+def pyramid_is_current(url: str, key: str) -> bool:
+    """Whether the pyramid of `url` was finished for the job `key` (the one that wrote its level 0)."""
+    fs, path = _record_path(url)
+    try:
+        return bool(json.loads(fs.cat_file(path)).get("job_key") == key)
+    except FileNotFoundError:
+        return False
+    except Exception as err:
+        raise StorageError(f"cannot read the pyramid record {path} of {url}: {err}") from err
 
 
 def pyramid_levels(
@@ -207,13 +244,18 @@ def add_pyramid(
     block_shape: Vec3 | None = None,
     max_in_flight: int | None = None,
     progress: bool = True,
+    key: str | None = None,
 ) -> PyramidResult:
     """Add down-sampled levels to the volume at `url` (precomputed layer or OME-Zarr group), on Dask.
 
     Existing levels above 0 are replaced. Labels (`layer_type` segmentation) are reduced by mode, everything
     else by mean. `block_shape` (z, y, x voxels of a level) must be whole chunks; by default about
     64 x 128 x 128. Returns the levels and the run of each; a level with failed blocks ends the pyramid.
+    `key` (the job that wrote level 0) is recorded when every level is written (see `pyramid_is_current`).
     """
+    fs, record = _record_path(url)
+    with suppress(FileNotFoundError):  # the levels are about to change: not current until every one is written
+        fs.rm_file(record)
     volume = open_volume(url, mode="r+")
     meta = volume.meta
     parsed = parse_volume_url(url)
@@ -223,6 +265,8 @@ def add_pyramid(
     result = PyramidResult(str(parsed))
     if not levels:
         log.info("%s is already within %d chunks across; no pyramid needed", url, min_chunks_across)
+        if key is not None:
+            _record(url, key, 0)
         return result
     if isinstance(volume, PrecomputedVolume):
         _prepare_precomputed(volume, levels)
@@ -244,4 +288,6 @@ def add_pyramid(
         if not run.ok:
             log.error("level s%d of %s: %d block(s) failed; coarser levels not written", level.index, url, run.failed)
             break
+    if result.ok and key is not None:
+        _record(url, key, len(result.levels))
     return result
