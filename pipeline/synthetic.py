@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import ndimage
 
+from pipeline.errors import ConfigError
+
 if TYPE_CHECKING:
     from pipeline.config.segment import SegmentConfig
     from pipeline.config.synthetic import SyntheticVolume
@@ -205,12 +207,51 @@ def write_volume_zarr(
         arr.attrs.update({"resolution_nm": [float(r) for r in resolution_nm], "axes": ["z", "y", "x"]})
 
 
-def write_synthetic(spec: SyntheticVolume, raw_url: str, label_url: str | None, chunks: Iterable[int]) -> None:
+def resample_volume(raw: np.ndarray, label: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """`raw` and `label` resampled to `shape` as if imaged at another voxel size: an anti-aliasing blur where
+    voxels grow, linear interpolation, and the label as the voxels more than half covered."""
+    factors = [d / s for d, s in zip(raw.shape, shape, strict=True)]
+    blurred = ndimage.gaussian_filter(raw.astype(np.float32), [max(0.0, (f - 1) / 2) for f in factors])
+    zoom = [s / d for s, d in zip(shape, raw.shape, strict=True)]
+    out_raw = ndimage.zoom(blurred, zoom, order=1, grid_mode=True, mode="grid-mirror")
+    out_label = ndimage.zoom(label.astype(np.float32), zoom, order=1, grid_mode=True, mode="grid-mirror") >= 0.5
+    return np.clip(np.round(out_raw), 0, 255).astype(np.uint8), out_label.astype(np.uint8)
+
+
+def synthetic_arrays(spec: SyntheticVolume) -> tuple[np.ndarray, np.ndarray]:
+    """The EM image and full mitochondria mask of `spec` (uint8, z y x): drawn at `drawn_voxel_size_nm` and
+    resampled to `voxel_size_nm` when it is given, else drawn at the volume's shape directly."""
+    if spec.drawn_voxel_size_nm is None:
+        return generate_volume(spec.shape, seed=spec.seed)
+    drawn = tuple(
+        max(1, round(s * v / d))
+        for s, v, d in zip(spec.shape, spec.voxel_size_nm, spec.drawn_voxel_size_nm, strict=True)
+    )
+    return resample_volume(*generate_volume(drawn, seed=spec.seed), spec.shape)  # type: ignore[arg-type]
+
+
+def write_synthetic(
+    spec: SyntheticVolume,
+    raw_url: str,
+    label_url: str | None,
+    chunks: Iterable[int],
+    ignore_label: int | None = None,
+) -> None:
     """Generate `spec`'s volume and write its EM image (uint8) to `raw_url` and its mitochondria mask to
-    `label_url` (when given), as new volumes chunked by `chunks` (clipped to the shape)."""
+    `label_url` (when given), as new volumes chunked by `chunks` (clipped to the shape); outside the spec's
+    `labelled_slices` the mask holds `ignore_label`."""
     from pipeline.volumes import VolumeMeta, create_volume
 
-    raw, label = generate_volume(spec.shape, seed=spec.seed)
+    raw, label = synthetic_arrays(spec)
+    if spec.labelled_slices is not None:
+        if ignore_label is None or ignore_label > 255:
+            raise ConfigError(
+                f"synthetic volume {raw_url} labels slices {spec.labelled_slices} only: give the volume an "
+                f"ignore_label in 1..255 (got {ignore_label})"
+            )
+        sparse = np.full_like(label, ignore_label)
+        sparse[spec.labelled_slices] = label[spec.labelled_slices]
+        label = sparse
     clipped = tuple(min(c, s) for c, s in zip(chunks, spec.shape, strict=True))
     meta = VolumeMeta(shape=spec.shape, dtype=np.dtype(np.uint8), chunks=clipped, voxel_size_nm=spec.voxel_size_nm)  # type: ignore[arg-type]
     create_volume(raw_url, meta).write(meta.roi, raw[None])
@@ -241,4 +282,4 @@ def ensure_synthetic_training_data(cfg: DataConfig) -> None:
         if source.synthetic is None or (volume_exists(source.raw) and volume_exists(source.label)):
             continue
         logger.info("generating synthetic volume %s (seed %d)", source.raw, source.synthetic.seed)
-        write_synthetic(source.synthetic, source.raw, source.label, TRAINING_CHUNKS)
+        write_synthetic(source.synthetic, source.raw, source.label, TRAINING_CHUNKS, source.ignore_label)

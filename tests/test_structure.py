@@ -45,6 +45,7 @@ def config_models() -> dict[str, type]:
         "demo.yaml": SegmentConfig,
         "score_lucchi_test.yaml": SegmentConfig,
         "demo_train.yaml": TrainConfig,
+        "finetune_example.yaml": TrainConfig,
         "lucchi.yaml": TrainConfig,
         "lucchi_gpu.yaml": TrainConfig,
     }

@@ -34,7 +34,8 @@ def train(
     cfg = load_config(TrainConfig, config, overrides)
     result = run_training(cfg, resume=resume, max_iterations=max_iterations)
     best = f"{result.best_jaccard:.4f}" if result.best_jaccard is not None else "n/a"
+    voxel = "unknown" if result.voxel_size_nm is None else f"{list(result.voxel_size_nm)} nm"
     typer.echo(
         f"stopped at step {result.step}; best validation jaccard {best}; "
-        f"best checkpoint {result.best_checkpoint}; last {result.last_checkpoint}"
+        f"best checkpoint {result.best_checkpoint}; last {result.last_checkpoint}; trained at voxel size {voxel}"
     )

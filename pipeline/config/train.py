@@ -34,7 +34,20 @@ class VolumeSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     raw: str = Field(description="URL or local path of the raw EM volume (uint8, z y x).")
-    label: str = Field(description="URL or local path of the label volume; any value > 0 is mitochondrion.")
+    label: str = Field(
+        description="URL or local path of the label volume; any value > 0 (other than ignore_label) is mitochondrion."
+    )
+    ignore_label: int | None = Field(
+        None,
+        ge=1,
+        description="Label value of voxels nobody annotated (e.g. 255, for a few labelled slices or boxes): losses, "
+        "patch sampling and validation skip them. None = every voxel is annotated.",
+    )
+    annotated_mask: str | None = Field(
+        None,
+        description="URL or local path of a volume of the label's shape whose voxels > 0 are annotated; the rest are "
+        "skipped as with ignore_label. None = no mask.",
+    )
     train: Region | None = Field(default_factory=Region, description="Region trained on; None = not used.")
     validation: Region | None = Field(None, description="Held-out region for validation; None = none.")
     synthetic: SyntheticVolume | None = Field(
@@ -45,6 +58,8 @@ class VolumeSource(BaseModel):
     def _labels_go_to_label(self) -> VolumeSource:
         if self.synthetic is not None and self.synthetic.truth is not None:
             raise ValueError("synthetic.truth is for segment jobs: a training volume's labels are written to `label`")
+        if self.synthetic is not None and self.synthetic.labelled_slices is not None and self.ignore_label is None:
+            raise ValueError("synthetic.labelled_slices needs ignore_label: the value of unlabelled voxels")
         return self
 
 
@@ -175,7 +190,7 @@ class TrainConfig(BaseModel):
     init_from: str | None = Field(
         None,
         description="Checkpoint (path or shipped name, e.g. lucchi) whose weights start a fresh schedule "
-        "(fine-tuning); not used by --resume.",
+        "(fine-tuning; without a `network` section its network is used); not used by --resume.",
     )
     data: DataConfig = Field(description="Training and validation data.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations.")
@@ -197,6 +212,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> TrainConfig:
+        if self.init_from is not None and "network" not in self.model_fields_set:
+            return self  # the network is init_from's: checked when the run reads it (pipeline.training.finetune)
         div = self.network.size_divisor()
         for name, shape in (("data.patch_shape", self.data.patch_shape), ("val_patch_shape", self.val_patch_shape)):
             bad = [s for s, d in zip(shape, div, strict=True) if s % d]

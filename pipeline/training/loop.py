@@ -28,6 +28,7 @@ from pipeline.progress import Progress
 from pipeline.synthetic import ensure_synthetic_training_data
 from pipeline.training import distributed
 from pipeline.training.data import LabelledRegion, PatchSampler, load_regions
+from pipeline.training.finetune import training_voxel_size, with_init_network
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.prefetch import BatchPrefetcher
 from pipeline.training.schedule import lr_factor, make_average, make_optimizer, schedule_progress
@@ -48,6 +49,8 @@ class TrainResult:
     network: ResUNet
     average: nn.Module | None = None
     """The moving average of the weights (`optim.ema_decay`), which validation and checkpoints use."""
+    voxel_size_nm: tuple[float, float, float] | None = None
+    """The training data's voxel size (z, y, x) in nm, recorded in the checkpoints (None: unknown)."""
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, max_iterations: int | None = None) -> TrainResult:
@@ -73,6 +76,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # every check that can fail happens before the first step
+    cfg = with_init_network(cfg)
     if info.is_main:
         ensure_synthetic_training_data(cfg.data)
     distributed.barrier(info)
@@ -80,7 +84,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, *, resume: bool, max_it
     val_regions = load_regions(cfg.data, "validation") if info.is_main else []
     sampler = PatchSampler(train_regions, cfg.data, cfg.augment)
     payload, init = _read_start(cfg, resume)
-    run = _Run(cfg, info, payload, init, val_regions, max_iterations)
+    voxel_size = training_voxel_size(train_regions + val_regions, init, cfg.init_from)
+    run = _Run(cfg, info, payload, init, val_regions, max_iterations, voxel_size)
     progress = Progress("train", run.stop, completed=run.step, unit="steps", enabled=info.is_main)
     finished = run.begin()
     prefetcher = BatchPrefetcher(sampler, cfg.seed, info.rank, cfg.data.batch_size, cfg.data.loader_workers)
@@ -148,8 +153,9 @@ class _Run:
         init: dict[str, Any] | None,
         val_regions: list[LabelledRegion],
         max_iterations: int | None,
+        voxel_size_nm: tuple[float, float, float] | None,
     ) -> None:
-        self.cfg, self.info, self.val_regions = cfg, info, val_regions
+        self.cfg, self.info, self.val_regions, self.voxel_size_nm = cfg, info, val_regions, voxel_size_nm
         self.out = Path(cfg.output_dir)
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.network = _start_network(cfg, info, init)
@@ -288,6 +294,7 @@ class _Run:
             path,
             network_config=cfg.network,
             state_dict=self.evaluated.state_dict(),
+            voxel_size_nm=self.voxel_size_nm,
             optimizer=self.optimizer.state_dict(),
             scheduler={"step": self.step, "elapsed_s": self.now_elapsed},
             step=self.step,
@@ -304,4 +311,6 @@ class _Run:
             self.metrics.close()
         best_checkpoint = self.best_path if self.best_path.exists() else None
         average = None if self.average is None else self.evaluated
-        return TrainResult(self.step, self.best, best_checkpoint, self.last_path, self.network, average)
+        return TrainResult(
+            self.step, self.best, best_checkpoint, self.last_path, self.network, average, self.voxel_size_nm
+        )

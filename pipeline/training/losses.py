@@ -9,13 +9,23 @@ from pipeline.config.train import LossConfig
 
 
 def balanced_bce_dice(
-    logits: torch.Tensor, target: torch.Tensor, *, class_balance: float = 1.0, dice_weight: float = 0.5
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_balance: float = 1.0,
+    dice_weight: float = 0.5,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Class-balanced weighted BCE plus `dice_weight` x soft Dice, for one head (same-shape tensors).
+    """Class-balanced weighted BCE plus `dice_weight` x soft Dice, for one head (same-shape tensors), over the
+    voxels where the boolean `mask` is True (None: all; none: 0 with grad).
 
     Weights are inverse class frequencies of the batch raised to `class_balance`, normalised so the
     mean weight is 1 (0 = plain BCE).
     """
+    if mask is not None:
+        if not mask.any():
+            return logits.sum() * 0.0
+        logits, target = logits[mask], target[mask]
     target = target.float()
     fg = target.mean().clamp(1e-3, 1 - 1e-3)
     w_fg, w_bg = (0.5 / fg) ** class_balance, (0.5 / (1 - fg)) ** class_balance
@@ -35,6 +45,8 @@ def similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature:
     Anchors without any positive are ignored; returns 0 (with grad) when no anchor has one.
     """
     m = embeddings.shape[0]
+    if m < 2:
+        return embeddings.sum() * 0.0
     logits = embeddings @ embeddings.t() / temperature
     self_mask = torch.eye(m, dtype=torch.bool, device=embeddings.device)
     logits = logits.masked_fill(self_mask, float("-inf"))

@@ -13,6 +13,7 @@ from pipeline.network.model import ResUNet
 from pipeline.network.tta import TTAMode, predict_probabilities
 from pipeline.stitching import PatchGrid, predict_region, read_mirrored
 from pipeline.training.data import LabelledRegion
+from pipeline.training.targets import IGNORE
 
 _BINS = 200
 
@@ -50,7 +51,10 @@ class ThresholdTuner:
         self.fg = np.zeros(_BINS, dtype=np.int64)
         self.bg = np.zeros(_BINS, dtype=np.int64)
 
-    def update(self, prob: np.ndarray, truth: np.ndarray) -> None:
+    def update(self, prob: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None = None) -> None:
+        """Count `prob` against `truth` (> 0 foreground) where the boolean `annotated` is True (None: everywhere)."""
+        if annotated is not None:
+            prob, truth = prob[annotated], truth[annotated]
         bins = np.clip((prob * _BINS).astype(np.int64), 0, _BINS - 1)
         is_fg = truth > 0
         self.fg += np.bincount(bins[is_fg], minlength=_BINS)
@@ -74,13 +78,14 @@ class ThresholdTuner:
 def validate(
     network: ResUNet, regions: list[LabelledRegion], cfg: TrainConfig, device: torch.device
 ) -> tuple[float, dict[str, float]]:
-    """Tuned threshold and scores (jaccard, dice, miou) over all validation regions."""
+    """Tuned threshold and scores (jaccard, dice, miou) over the annotated voxels of all validation regions."""
     was_training = network.training
     network.eval()
     tuner = ThresholdTuner()
     for region in regions:
         prob = predict_volume(network, region.raw, cfg.val_patch_shape, network.context, cfg.val_overlap, device)
-        tuner.update(prob[0], region.label)
+        annotated = region.label != IGNORE
+        tuner.update(prob[0], region.label, None if annotated.all() else annotated)
     network.train(was_training)
     threshold, counts = tuner.best()
     return threshold, {**counts.scores(), "jaccard@0.5": tuner.counts(0.5).jaccard}
