@@ -129,11 +129,13 @@ def evaluate_semantic(
     kind: str = "auto",
     chunks: Vec3 | None = None,
     roi: Roi | None = None,
+    ignore_label: int | None = None,
 ) -> dict[str, float]:
     """Jaccard, Dice and mean IoU of a prediction volume against a truth volume, chunk by chunk.
 
     Without `threshold`, the one recorded in the prediction's provenance is used, else 0.5. `kind` is
-    'probability', 'label' or 'auto' (see `prediction_kind`). Only `evaluation_region(prediction, roi)` counts.
+    'probability', 'label' or 'auto' (see `prediction_kind`). Only `evaluation_region(prediction, roi)` counts,
+    and of it only voxels whose truth is not `ignore_label` (sparse annotations mark unlabelled voxels so).
     Returns {"jaccard", "dice", "miou", "threshold"}.
     """
     from pipeline.volumes import open_volume
@@ -154,20 +156,30 @@ def evaluate_semantic(
     total = SemanticCounts()
     for part in chunk_rois(region, grid):
         pred = binarise(pred_vol.read(part)[0], threshold, kind)
-        total = total + count(pred, truth_vol.read(part)[0] > 0)
+        truth = truth_vol.read(part)[0]
+        if ignore_label is not None:
+            labelled = truth != ignore_label
+            pred, truth = pred[labelled], truth[labelled]
+        total = total + count(pred, truth > 0)
     return {**total.scores(), "threshold": float(threshold)}
 
 
 def evaluate_all(
-    prediction_url: str, truth_url: str, threshold: float | None = None, kind: str = "auto", roi: Roi | None = None
+    prediction_url: str,
+    truth_url: str,
+    threshold: float | None = None,
+    kind: str = "auto",
+    roi: Roi | None = None,
+    ignore_label: int | None = None,
 ) -> dict[str, float]:
     """Semantic scores, plus AP-50/AP-75 and object precision/recall when the prediction holds instance labels,
-    over `evaluation_region(prediction, roi)`."""
+    over `evaluation_region(prediction, roi)`; with `ignore_label` (sparse truth) the semantic scores only, over
+    the labelled voxels (objects cannot be matched against partly labelled truth)."""
     from pipeline.instance_metrics import instance_scores, is_label_volume
     from pipeline.volumes import open_volume
 
     region = evaluation_region(open_volume(prediction_url), roi)
-    scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind, roi=region)
-    if is_label_volume(prediction_url):
+    scores = evaluate_semantic(prediction_url, truth_url, threshold, kind=kind, roi=region, ignore_label=ignore_label)
+    if ignore_label is None and is_label_volume(prediction_url):
         scores.update(instance_scores(prediction_url, truth_url, roi=region))
     return scores

@@ -108,3 +108,15 @@ def test_only_the_region_counts_given_or_recorded_by_segment(tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["--prediction", p_url, "--truth", t_url, "--roi", "0,0,0:3,8,8", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["jaccard"] == pytest.approx(1 / 3)  # z 2 right, z 0..1 missed
+
+
+def test_unlabelled_voxels_of_sparse_truth_are_not_scored(tmp_path: Path) -> None:
+    truth = np.full((2, 3, 3), 255, np.uint8)  # 255 = not annotated
+    truth[0] = [[1, 0, 0], [0, 0, 0], [0, 0, 1]]  # one annotated slice
+    pred = np.zeros((2, 3, 3), np.uint8)
+    pred[0, 0, 0] = pred[0, 1, 1] = 1  # one hit, one false positive; the unlabelled slice predicts nothing
+    truth_url = _write(f"zarr://file://{tmp_path}/t.zarr", truth)
+    pred_url = _write(f"zarr://file://{tmp_path}/p.zarr", pred)
+    sparse = evaluate_semantic(pred_url, truth_url, kind="label", ignore_label=255)
+    assert sparse["jaccard"] == pytest.approx(1 / 3)  # tp 1, fp 1, fn 1 on the annotated slice only
+    assert evaluate_semantic(pred_url, truth_url, kind="label")["jaccard"] < 0.2  # 255 counted as mitochondrion

@@ -35,20 +35,29 @@ def evaluate(
         str | None,
         typer.Option("--roi", help="Score only OFFSET:SHAPE (z,y,x voxels); default the region segment predicted."),
     ] = None,
+    ignore_label: Annotated[
+        int | None,
+        typer.Option(
+            "--ignore-label",
+            help="Truth value of unlabelled voxels (sparse annotations, e.g. 255): they are not scored, and only "
+            "semantic scores are given.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Foreground IoU (Jaccard), Dice and mean IoU of a prediction against ground truth."""
     from pipeline.evaluation import evaluate_all
     from pipeline.geometry import parse_roi
+    from pipeline.storage import redact
 
-    scores = evaluate_all(prediction, truth, threshold, kind.value, parse_roi(roi) if roi else None)
+    scores = evaluate_all(prediction, truth, threshold, kind.value, parse_roi(roi) if roi else None, ignore_label)
     if as_json:
         typer.echo(json.dumps(scores))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("metric", "value", title=f"{prediction} vs {truth}")
+    table = Table("metric", "value", title=redact(f"{prediction} vs {truth}"))
     for key, value in scores.items():
         table.add_row(key, f"{value:.4f}")
     Console().print(table)
