@@ -16,8 +16,10 @@ import pytest
 from pipeline.errors import ConfigError, StorageError
 from pipeline.viewing.layers import open_layers
 from pipeline.viewing.meshes import segment_properties
-from pipeline.viewing.server import DataServer
+from pipeline.viewing.server import DataServer, origin_of
 from pipeline.volumes import VolumeMeta, create_volume
+
+VIEWER = "http://127.0.0.1:9"  # the origin of the Neuroglancer client the server is told about
 
 
 @pytest.fixture
@@ -27,7 +29,13 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (root / "info").write_text('{"type": "image"}')
     (root / "8_8_8" / "0-64_0-64_0-64.gz").write_bytes(gzip.compress(b"chunk-bytes"))
     (tmp_path / "secret").write_text("not served")
-    with DataServer({"layer": str(root)}) as server:
+    (tmp_path / "secret.gz").write_bytes(gzip.compress(b"not served"))
+    (tmp_path / "layer.gz").write_bytes(gzip.compress(b"not served either"))
+    (root / "link").symlink_to(tmp_path / "secret")
+    (root / "hidden.gz").symlink_to(tmp_path / "secret.gz")  # served for `hidden` unless resolved too
+    (root / "dir").symlink_to(tmp_path)
+    (root / "shard").write_bytes(bytes(range(256)) * 1024)  # 256 KiB: several streamed pieces
+    with DataServer({"layer": str(root)}, origins=[VIEWER]) as server:
         yield server.url, root
 
 
@@ -40,14 +48,48 @@ def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -
         return err.code, dict(err.headers), b""
 
 
-def test_serves_files_with_cors(served: tuple[str, Path]) -> None:
+def test_serves_files_with_cors_for_the_viewer_only(served: tuple[str, Path]) -> None:
     base, _ = served
-    status, headers, body = _get(f"{base}/layer/info")
+    status, headers, body = _get(f"{base}/layer/info", {"Origin": VIEWER})
     assert status == 200 and json.loads(body) == {"type": "image"}
-    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert headers["Access-Control-Allow-Origin"] == VIEWER and headers["Vary"] == "Origin"
     assert headers["Content-Type"] == "application/json"
-    status, headers, _ = _get(f"{base}/layer/info", method="OPTIONS")
-    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+    status, headers, _ = _get(f"{base}/layer/info", {"Origin": VIEWER}, method="OPTIONS")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == VIEWER
+    assert "range" in headers["Access-Control-Allow-Headers"]
+    for origin in ("http://evil.example", "http://127.0.0.1:10", "null"):
+        status, headers, _ = _get(f"{base}/layer/info", {"Origin": origin})
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers, origin
+    assert "Access-Control-Allow-Origin" not in _get(f"{base}/layer/info")[1]
+
+
+def test_a_started_viewer_is_allowed_by_every_data_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neuroglancer
+
+    from pipeline.viewing.server import start_viewer
+
+    monkeypatch.setattr(neuroglancer, "set_server_bind_address", lambda *a, **k: None)
+    monkeypatch.setattr(neuroglancer, "Viewer", lambda: _FakeViewer("http://127.0.0.1:4321/v/abc/"))
+    (tmp_path / "info").write_text("{}")
+    with DataServer({"layer": str(tmp_path)}) as server:
+        assert (
+            "Access-Control-Allow-Origin"
+            not in _get(f"{server.url}/layer/info", {"Origin": "http://127.0.0.1:4321"})[1]
+        )
+        start_viewer({})
+        headers = _get(f"{server.url}/layer/info", {"Origin": "http://127.0.0.1:4321"})[1]
+        assert headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:4321"
+
+
+class _FakeViewer:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def set_state(self, state: Any) -> None:
+        pass
+
+    def get_viewer_url(self) -> str:
+        return self.url
 
 
 def test_gzip_chunks_are_served_under_their_plain_name(served: tuple[str, Path]) -> None:
@@ -63,15 +105,57 @@ def test_byte_ranges(served: tuple[str, Path]) -> None:
     assert (status, body, headers["Content-Range"]) == (206, b'"type"', "bytes 1-6/17")
     status, _, body = _get(f"{base}/layer/info", {"Range": "bytes=-2"})
     assert (status, body) == (206, b'"}')
-    assert _get(f"{base}/layer/info", {"Range": "bytes=100-"})[0] == 416
+    status, headers, _ = _get(f"{base}/layer/info", {"Range": "bytes=100-"})
+    assert (status, headers["Content-Range"]) == (416, "bytes */17")
+
+
+def test_ranges_of_a_large_file_are_streamed_exactly(served: tuple[str, Path]) -> None:
+    base, root = served
+    data = (root / "shard").read_bytes()
+    for first, last in [(0, 0), (70_000, 200_123), (len(data) - 5, len(data) + 100)]:
+        status, headers, body = _get(f"{base}/layer/shard", {"Range": f"bytes={first}-{last}"})
+        end = min(last, len(data) - 1)
+        assert (status, headers["Content-Range"]) == (206, f"bytes {first}-{end}/{len(data)}")
+        assert body == data[first : end + 1] and headers["Content-Length"] == str(end - first + 1)
+    status, headers, body = _get(f"{base}/layer/shard")
+    assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _get(f"{base}/layer/shard", {"Range": "bytes=10-19"}, method="HEAD")
+    assert (status, headers["Content-Length"], body) == (206, "10", b"")
 
 
 @pytest.mark.parametrize(
-    "path", ["/layer/missing", "/other/info", "/layer/../secret", "/layer/%2e%2e/secret", "/layer/"]
+    "path",
+    [
+        "/layer/missing",
+        "/other/info",
+        "/layer/../secret",
+        "/layer/%2e%2e/secret",
+        "/layer/",  # the root itself, and `layer.gz` beside it
+        "/layer",
+        "/layer/link",  # a symlink out of the root
+        "/layer/hidden",  # a `.gz` variant that is a symlink out of the root
+        "/layer/dir/secret",  # a folder symlink out of the root
+        "/layer/8_8_8",  # folders are never listed
+        "/layer/info%00.gz",
+        "/layer/%ff%fe",
+        "/%00/info",
+        "/",
+        "//etc/passwd",
+        "/layer//etc/passwd",  # an absolute path after the root's name
+        "/layer/..%2f..%2fsecret",
+    ],
 )
 def test_missing_unknown_and_escaping_paths_are_404(served: tuple[str, Path], path: str) -> None:
     base, _ = served
-    assert _get(base + path)[0] == 404
+    status, _, body = _get(base + path)
+    assert status == 404 and b"Traceback" not in body
+
+
+def test_other_methods_are_refused(served: tuple[str, Path]) -> None:
+    base, _ = served
+    for method in ("POST", "PUT", "DELETE"):
+        status, headers, _ = _get(f"{base}/layer/info", method=method)
+        assert (status, headers["Allow"]) == (405, "GET, HEAD, OPTIONS"), method
 
 
 def _volume(url: str, layer_type: str = "image") -> str:
@@ -205,7 +289,9 @@ def test_viewer_page_and_volumes_are_served_offline(tmp_path: Path) -> None:
         script = re.search(rb'src="(main\.[^"]+\.js)"', page)
         assert status == 200 and script, page[:200]
         assert _get(url + script.group(1).decode())[0] == 200
-        status, headers, body = _get(f"{data_url}/raw/info")
-        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*" and b'"scales"' in body
+        viewer = origin_of(url)
+        status, headers, body = _get(f"{data_url}/raw/info", {"Origin": viewer})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == viewer and b'"scales"' in body
+        assert "Access-Control-Allow-Origin" not in _get(f"{data_url}/raw/info", {"Origin": "http://x.example"})[1]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{data_url}/raw/info", timeout=2)

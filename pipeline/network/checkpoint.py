@@ -57,6 +57,17 @@ def resolve_checkpoint(value: str | Path) -> Path:
     )
 
 
+def _voxel_size(value: Any, path: Path) -> tuple[float, float, float]:
+    """A voxel size (z, y, x) in nm as three positive floats; raises ModelLoadError naming the checkpoint."""
+    try:
+        size = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"checkpoint {path}: voxel size {value!r} is not three numbers (z, y, x) in nm") from err
+    if len(size) != 3 or not all(0 < v < float("inf") for v in size):
+        raise ModelLoadError(f"checkpoint {path}: voxel size {value!r} is not three positive sizes (z, y, x) in nm")
+    return size
+
+
 def _inference_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in state_dict if not k.startswith(_TRAINING_ONLY))
 
@@ -73,15 +84,23 @@ def content_hash(network_config: NetworkConfig, state_dict: dict[str, torch.Tens
 
 
 def save_checkpoint(
-    path: str | Path, *, network_config: NetworkConfig, state_dict: dict[str, torch.Tensor], **extra: Any
+    path: str | Path,
+    *,
+    network_config: NetworkConfig,
+    state_dict: dict[str, torch.Tensor],
+    voxel_size_nm: Sequence[float] | None = None,
+    **extra: Any,
 ) -> str:
     """Write a checkpoint atomically and return its content hash.
 
-    Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `median_size` (odd int, 0 = none: the
-    median filter `segment` applies by default), `metadata` (JSON-able dict with the
+    `voxel_size_nm` (z, y, x) is the voxel size the network was trained at: `segment` refuses inputs far from it
+    (None records none). Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `median_size` (odd int,
+    0 = none: the median filter `segment` applies by default), `metadata` (JSON-able dict with the
     training config, step and scores), and for resuming `optimizer`, `scheduler`, `step`, `rng`.
     """
     path = Path(path)
+    if voxel_size_nm is not None:
+        extra["voxel_size_nm"] = list(_voxel_size(voxel_size_nm, path))
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
     digest = content_hash(network_config, state)
     payload: dict[str, Any] = {
@@ -112,6 +131,7 @@ class LoadedCheckpoint:
     patch_shape: tuple[int, int, int]
     metadata: dict[str, Any]
     median_size: int = 0
+    voxel_size_nm: tuple[float, float, float] | None = None  # (z, y, x) the network was trained at; None: unknown
     payload: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -132,6 +152,14 @@ def read_payload(path: str | Path) -> dict[str, Any]:
             "retrain or use a matching mitoseg version"
         )
     return payload
+
+
+def trained_voxel_size(path: str | Path) -> tuple[float, float, float] | None:
+    """The voxel size (z, y, x) in nm a checkpoint records its network was trained at, or None (reads no weights
+    into a network)."""
+    path = resolve_checkpoint(path)
+    voxel = read_payload(path).get("voxel_size_nm")
+    return None if voxel is None else _voxel_size(voxel, path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -173,6 +201,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         metadata = json.loads(payload.get("metadata", "{}"))
     except (TypeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"checkpoint {path} has unreadable metadata ({err}); retrain it") from err
+    voxel = payload.get("voxel_size_nm")
     return LoadedCheckpoint(
         network=network,
         network_config=cfg,
@@ -181,6 +210,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         patch_shape=patch,
         metadata=metadata,
         median_size=median,
+        voxel_size_nm=None if voxel is None else _voxel_size(voxel, path),
         payload=payload,
     )
 
@@ -204,6 +234,7 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
         "content_hash": loaded.content_hash,
         "threshold": loaded.threshold,
         "median_size": loaded.median_size,
+        "voxel_size_nm": None if loaded.voxel_size_nm is None else list(loaded.voxel_size_nm),
         "patch_shape": list(loaded.patch_shape),
         "out_channels": loaded.network_config.out_channels,
         "network_config": loaded.network_config.model_dump(mode="json"),
@@ -235,7 +266,8 @@ def average_checkpoints(
     Meant for checkpoints of one network fine-tuned from the same start (weights of unrelated runs do not
     average into a working network); every source must hold the same network config. Floating-point tensors,
     batch-norm statistics included, are averaged; integer buffers come from the first source, as do the patch
-    shape, threshold and median size unless given. One source is a plain export (its step and metadata kept).
+    shape and voxel size, and the threshold and median size unless given. One source is a plain export (its step and
+    metadata kept).
     """
     if not sources:
         raise ValueError(f"no checkpoints to write into {target}: give at least one source")
@@ -260,7 +292,9 @@ def average_checkpoints(
             value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
         state[key] = value
     extra: dict[str, Any] = {
-        k: payloads[0][k] for k in ("threshold", "patch_shape", "median_size", "step") if k in payloads[0]
+        k: payloads[0][k]
+        for k in ("threshold", "patch_shape", "median_size", "voxel_size_nm", "step")
+        if k in payloads[0]
     }
     if median_size is not None:
         extra["median_size"] = median_size

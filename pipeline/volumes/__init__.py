@@ -8,7 +8,16 @@ from typing import Any
 from pipeline.volumes.base import Volume, VolumeMeta
 from pipeline.volumes.url import VolumeURL, parse_volume_url
 
-__all__ = ["Volume", "VolumeMeta", "VolumeURL", "create_volume", "open_volume", "parse_volume_url", "resolve_version", "volume_exists"]
+__all__ = [
+    "Volume",
+    "VolumeMeta",
+    "VolumeURL",
+    "create_volume",
+    "open_volume",
+    "parse_volume_url",
+    "resolve_version",
+    "volume_exists",
+]
 
 
 def _backend(url: VolumeURL) -> Any:
