@@ -99,6 +99,10 @@ def scale_input(raw: np.ndarray, input_range: InputRange | None = None, where: s
     return scaled
 
 
+VOXEL_SIZE_TOLERANCE = 0.25
+"""The default largest relative difference per axis between two voxel sizes that count as the same."""
+
+
 def recorded_voxel_size(volume: Volume) -> tuple[float, float, float] | None:
     """The voxel size (z, y, x) in nm the input's metadata records, or None when it records none."""
     if volume.meta.extra.get("voxel_size_recorded") is False:
@@ -120,7 +124,7 @@ def check_voxel_size(volume: Volume, checkpoint: str | Path, tolerance: float) -
         missing = f"input {volume.url}" if found is None else f"checkpoint {checkpoint}"
         log.warning("%s records no voxel size: cannot check it against the network's; the output may be wrong", missing)
         return
-    off = _relative_difference(found, trained_nm)
+    off = voxel_size_difference(found, trained_nm)
     if max(off) <= tolerance:
         return
     axis = "zyx"[int(np.argmax(off))]
@@ -137,7 +141,8 @@ def check_voxel_size(volume: Volume, checkpoint: str | Path, tolerance: float) -
     )
 
 
-def _relative_difference(found: Sequence[float], trained: Sequence[float]) -> list[float]:
+def voxel_size_difference(found: Sequence[float], trained: Sequence[float]) -> list[float]:
+    """Per axis, how far `found` is from `trained` relative to `trained` (0.25 = 25 % off)."""
     return [abs(f - t) / t for f, t in zip(found, trained, strict=True)]
 
 
@@ -155,7 +160,7 @@ def _closer_level(volume: Volume, trained_nm: Sequence[float], tolerance: float,
         if size in seen:  # a single-scale volume answers every level with itself
             return None
         seen.add(size)
-        if max(_relative_difference(size, trained_nm)) <= tolerance:
+        if max(voxel_size_difference(size, trained_nm)) <= tolerance:
             return scale
     return None
 

@@ -17,12 +17,10 @@ from pipeline.config.network import NetworkConfig
 from pipeline.config.train import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.network.checkpoint import read_payload
+from pipeline.network.inputs import VOXEL_SIZE_TOLERANCE, voxel_size_difference
 from pipeline.training.data import LabelledRegion
 
 logger = logging.getLogger(__name__)
-
-VOXEL_SIZE_TOLERANCE = 0.25
-"""Relative difference per axis up to which two voxel sizes count as the same (segment's default tolerance)."""
 
 
 def with_init_network(cfg: TrainConfig) -> TrainConfig:
@@ -38,9 +36,9 @@ def with_init_network(cfg: TrainConfig) -> TrainConfig:
         ) from err
 
 
-def same_voxel_size(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two voxel sizes (z, y, x) in nm agree within VOXEL_SIZE_TOLERANCE on every axis."""
-    return all(abs(x - y) <= VOXEL_SIZE_TOLERANCE * max(x, y) for x, y in zip(a, b, strict=True))
+def same_voxel_size(found: Sequence[float], reference: Sequence[float]) -> bool:
+    """Whether two voxel sizes (z, y, x) in nm agree within segment's default tolerance on every axis."""
+    return max(voxel_size_difference(found, reference)) <= VOXEL_SIZE_TOLERANCE
 
 
 def training_voxel_size(
