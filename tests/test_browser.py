@@ -195,7 +195,9 @@ def _first_bright_column(driver: Any, path: Path) -> int:
     driver.save_screenshot(str(path))
     pixels = np.asarray(Image.open(path).convert("RGB"))
     row = pixels[pixels.shape[0] // 2]
-    return int(np.argmax(row.min(axis=-1) > 200))  # white, not the yellow of a bounding box
+    bright = row.min(axis=-1) > 200  # white, not the yellow of a bounding box
+    assert bright.any(), f"no bright voxel drawn in {path}: the layer's data did not load"
+    return int(np.argmax(bright))
 
 
 def test_zarr_and_precomputed_outputs_line_up(driver: Any, tmp_path: Path) -> None:
