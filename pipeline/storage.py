@@ -24,7 +24,7 @@ ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 # botocore >= 1.36 sends CRC checksums on every request by default, which many S3-compatible stores refuse;
 # cloud-files turns them off for an explicit endpoint, and so do we for every client of an on-premises store.
-_CHECKSUM_VARIABLES = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+CHECKSUM_VARIABLES = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 
 # user info: a user, and a password that may hold '/' (AWS secrets do) but is not a port followed by a path
 _USERINFO = re.compile(
@@ -54,6 +54,8 @@ class RedactingFilter(logging.Filter):
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the traceback, formatted as handlers would, then cleaned
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -82,7 +84,7 @@ def configure(s3_endpoint_url: str | None = None) -> None:
     if s3_endpoint_url:
         os.environ[ENDPOINT_VARIABLES[0]] = s3_endpoint_url
     if s3_endpoint() is not None:
-        for name in _CHECKSUM_VARIABLES:
+        for name in CHECKSUM_VARIABLES:
             os.environ.setdefault(name, "when_required")
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault("AWS_SESSION_TOKEN", "")
@@ -98,6 +100,18 @@ def storage_options(url: str) -> dict[str, Any]:
 
 class MissingFilesystemError(StorageError):
     """The fsspec implementation for a URL's protocol is not installed (e.g. gcsfs for gs://)."""
+
+
+def browser_location(location: str) -> str:
+    """`location` as a browser (Neuroglancer) reaches it: s3:// on a custom endpoint becomes `ENDPOINT/bucket/key`.
+
+    Neuroglancer reads `s3://bucket` from AWS only and cannot be told an endpoint; path-style https works on
+    every S3-compatible store. Other locations are returned as they are.
+    """
+    endpoint = s3_endpoint()
+    if endpoint is None or not location.startswith("s3://"):
+        return location
+    return f"{endpoint.rstrip('/')}/{location[len('s3://') :]}"
 
 
 def filesystem(url: str) -> tuple[Any, str]:

@@ -180,9 +180,7 @@ def prune(url: str, keep: int) -> list[Version]:
     versions = list_versions(url)
     newest_first = sorted(versions, key=lambda v: float(v.provenance.get("created_at", 0.0)), reverse=True)
     kept = {v.name for v in newest_first[:keep]}
-    deleted = [
-        v for v in newest_first if v.name not in kept and not v.current and v.name != ORIGINAL and v.complete
-    ]
+    deleted = [v for v in newest_first if v.name not in kept and not v.current and v.name != ORIGINAL and v.complete]
     for version in deleted:
         for where in (version.location, version.location + ".mitoseg"):
             fs, path = filesystem(where)

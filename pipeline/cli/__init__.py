@@ -9,6 +9,7 @@ import sys
 import typer
 
 from pipeline.errors import MitosegError
+from pipeline.storage import configure, redact, redact_logs
 
 app = typer.Typer(
     name="mitoseg",
@@ -27,6 +28,20 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _log_handler() -> logging.Handler:
+    """rich's handler on a terminal; elsewhere (a batch log, a pipe) one plain, unwrapped line per record on
+    stderr, with time and level: rich would wrap every line at 80 columns there."""
+    from rich import get_console
+
+    if get_console().is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(show_path=False, rich_tracebacks=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
@@ -34,13 +49,9 @@ def _main(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[_log_handler()])
+    redact_logs()  # no URL credentials in log lines
+    configure()  # object storage as the environment says (pipeline.storage)
     # Dask reads this when distributed is first imported (here and in worker processes, which inherit it).
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose else "warning")
     for noisy in ("distributed", "urllib3", "numcodecs"):
@@ -49,9 +60,11 @@ def _main(
 
 def _register() -> None:
     from pipeline.cli.checkpoint import app as checkpoint
+    from pipeline.cli.crossval import crossval
     from pipeline.cli.evaluate import evaluate
     from pipeline.cli.examples import examples
     from pipeline.cli.instances import instances
+    from pipeline.cli.plan import plan
     from pipeline.cli.segment import segment
     from pipeline.cli.train import train
     from pipeline.cli.versions import app as versions
@@ -59,8 +72,10 @@ def _register() -> None:
 
     for name, command in (
         ("segment", segment),
+        ("plan", plan),
         ("instances", instances),
         ("train", train),
+        ("crossval", crossval),
         ("evaluate", evaluate),
         ("view", view),
         ("examples", examples),
@@ -76,11 +91,11 @@ _register()
 def main() -> None:
     """Entry point of the console script: user errors print one clear message and exit with status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer.Exit(code) arrives here as the return value, not raised
     except MitosegError as err:
         from rich.console import Console
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {redact(str(err))}", highlight=False)
         sys.exit(2)
     except typer.Exit as stop:
         sys.exit(stop.exit_code)
@@ -91,3 +106,5 @@ def main() -> None:
             raise
         err.show()
         sys.exit(getattr(err, "exit_code", 2))
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.storage import browser_location
 from pipeline.volumes import VolumeMeta, VolumeURL
 
 NM_PER_M = 1e9
@@ -56,7 +57,7 @@ class Layer:
         """More data sources of the layer: the precomputed meshes and segment properties of a zarr segmentation."""
         if not self.mesh_companion:
             return ()
-        return (f"precomputed://{self._served or self.url.location}/{self.mesh_companion}",)
+        return (f"precomputed://{self._served or browser_location(self.url.location)}/{self.mesh_companion}",)
 
 
 def neuroglancer_source(url: VolumeURL, http_base: str | None = None) -> str:
@@ -66,7 +67,7 @@ def neuroglancer_source(url: VolumeURL, http_base: str | None = None) -> str:
         if http_base is None:
             raise ValueError(f"{url} is a local volume: give the http address it is served at")
         return f"{prefix}://{http_base.rstrip('/')}"
-    return f"{prefix}://{url.location}"
+    return f"{prefix}://{browser_location(url.location)}"
 
 
 def _dimensions(voxel_size_nm: tuple[float, float, float]) -> dict[str, list[Any]]:

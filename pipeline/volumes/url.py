@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import ConfigError
+from pipeline.storage import redact
 
 Kind = Literal["zarr", "precomputed"]
 ZarrFormat = Literal[2, 3]
@@ -62,6 +63,12 @@ def parse_volume_url(url: str) -> VolumeURL:
             if "://" in location:
                 raise ConfigError(f"unsupported storage in {text!r}; supported: {', '.join(s[:-3] for s in _STORAGE)}")
             location = "file://" + os.path.abspath(location)
+        if location.startswith(("s3://", "gs://")) and redact(location) != location:
+            raise ConfigError(
+                f"{redact(text)}: credentials (user info, signed queries) in s3:// and gs:// URLs are not used; "
+                "give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, in ~/.aws/credentials or an instance "
+                "role (GCS: application-default credentials), and name the volume without them"
+            )
         return VolumeURL(kind, location.rstrip("/"), fmt)
     if sep:
         raise ConfigError(

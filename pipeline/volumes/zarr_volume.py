@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,8 @@ import zarr
 from daisy import Roi
 
 from pipeline.errors import GeometryError, StorageError
-from pipeline.geometry import as_zyx
+from pipeline.geometry import as_zyx, check_ownership, chunk_rois
+from pipeline.storage import storage_options
 from pipeline.volumes.base import Volume, VolumeMeta
 from pipeline.volumes.url import VolumeURL
 
@@ -17,8 +19,16 @@ PROVENANCE_KEY = "mitoseg"
 SPATIAL = ("z", "y", "x")
 
 
-def _store(url: VolumeURL) -> str:
-    return url.local_path if url.is_local else url.location
+def _store(url: VolumeURL, read_only: bool) -> Any:
+    """A local path, or an fsspec store with the endpoint pipeline.storage gives (s3://, gs://, memory://)."""
+    if url.is_local:
+        return url.local_path
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(url.location, storage_options=storage_options(url.location), read_only=read_only)
+    except ImportError as err:
+        raise StorageError(f"cannot reach {url}: {err}; install mitoseg[cloud] for s3:// and gs://") from err
 
 
 def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -99,7 +109,7 @@ class ZarrVolume(Volume):
     def open(cls, url: VolumeURL, mode: str = "r", scale: int = 0) -> ZarrVolume:
         """Open an existing array, or scale `scale` of an OME-Zarr multiscale group."""
         try:
-            node = zarr.open(_store(url), mode="r" if mode == "r" else "r+", zarr_format=url.zarr_format)
+            node = zarr.open(_store(url, mode == "r"), mode="r" if mode == "r" else "r+", zarr_format=url.zarr_format)
         except FileNotFoundError as err:
             raise StorageError(f"no zarr array or group at {url}: check the path") from err
         except Exception as err:
@@ -121,6 +131,13 @@ class ZarrVolume(Volume):
                 raise StorageError(f"{url} has scale levels 0..{len(datasets) - 1}; scale {scale} was asked for")
             ome_axes = multiscales[0].get("axes")
             scale_nm = _scale_of(datasets[scale])
+            base_nm = _scale_of(datasets[0])
+            offset: Any = attrs.get("voxel_offset")
+            if scale and scale_nm and base_nm and isinstance(offset, list) and len(offset) == 3:
+                # the group's offset counts level-0 voxels; level `scale` starts at the same place in its own
+                # (larger) voxels. OME puts the spatial axes last.
+                per_axis = zip(offset, base_nm[-3:], scale_nm[-3:], strict=True)
+                attrs["voxel_offset"] = [round(float(o) * b / s) for o, b, s in per_axis]
             node = node[datasets[scale]["path"]]
             attrs = {**attrs, **dict(node.attrs)}
         return cls(url, node, *cls._meta(url, node, attrs, ome_axes, scale_nm), node=top)
@@ -140,6 +157,7 @@ class ZarrVolume(Volume):
         spatial_idx = [axes.index(a) for a in SPATIAL]
         shape = tuple(int(array.shape[i]) for i in spatial_idx)
         chunks = tuple(int(array.chunks[i]) for i in spatial_idx)
+        shards = tuple(int(array.shards[i]) for i in spatial_idx) if getattr(array, "shards", None) else None
         channels = int(array.shape[axes.index("c")]) if "c" in axes else 1
         if scale_nm is not None:
             res = [scale_nm[i] for i in spatial_idx]
@@ -160,6 +178,7 @@ class ZarrVolume(Volume):
             offset = tuple(int(round(float(by_axis[a]) / r)) for a, r in zip(SPATIAL, res, strict=True))
         else:
             offset = (0, 0, 0)
+        recorded = scale_nm is not None or any(attrs.get(k) for k in ("resolution_nm", "voxel_size", "resolution"))
         meta = VolumeMeta(
             shape=shape,  # type: ignore[arg-type]
             dtype=np.dtype(array.dtype),
@@ -168,6 +187,8 @@ class ZarrVolume(Volume):
             voxel_size_nm=tuple(res),  # type: ignore[arg-type]
             voxel_offset=offset,  # type: ignore[arg-type]
             layer_type=attrs.get("layer_type", "image"),
+            shards=shards,  # type: ignore[arg-type]
+            extra={} if recorded else {"voxel_size_recorded": False},  # 1 nm is a guess: checks warn
         )
         return meta, axes
 
@@ -176,8 +197,16 @@ class ZarrVolume(Volume):
         """Create an OME-Zarr multiscale group holding scale 0 as a (channels, z, y, x) array `s0`.
 
         Each chunk holds all channels of a (z, y, x) chunk; pyramid levels are added by the viewing stage.
+        With `meta.shards`, s0 uses zarr v3 sharding: one file per shard of whole chunks.
         """
         fmt = url.zarr_format or 3
+        if meta.shards is not None:
+            if fmt == 2:
+                raise StorageError(
+                    f"cannot create {url} with shards {meta.shards}: zarr v2 has no sharding; "
+                    "use a zarr3:// (or zarr://) output, or leave shard_size unset"
+                )
+            check_ownership(meta.shards, meta.chunks, "output chunks", "shard shape")
         attrs = {
             **ome_multiscales_attrs(meta, [1], fmt),
             "resolution_nm": list(meta.voxel_size_nm),
@@ -186,8 +215,10 @@ class ZarrVolume(Volume):
             **(attributes or {}),
         }
         kwargs: dict[str, Any] = {"dimension_names": ["c", *SPATIAL]} if fmt == 3 else {}
+        if meta.shards is not None:
+            kwargs["shards"] = (meta.num_channels, *meta.shards)
         try:
-            group = zarr.open_group(_store(url), mode="w", zarr_format=fmt, attributes=attrs)
+            group = zarr.open_group(_store(url, False), mode="w", zarr_format=fmt, attributes=attrs)
             array = group.create_array(
                 "s0",
                 shape=(meta.num_channels, *meta.shape),
@@ -207,6 +238,28 @@ class ZarrVolume(Volume):
     def _read(self, roi: Roi) -> np.ndarray:
         data = np.asarray(self.array[self._index(roi)]).transpose(self._to_czyx)
         return data if "c" in self.axes else data[None]
+
+    def missing_chunks(self, roi: Roi) -> list[Roi]:
+        """The stored chunks (shards of a sharded array) of `roi` whose keys are absent from the store."""
+        from zarr.core.sync import sync
+
+        grid = dict(zip(self.axes, self.array.shards or self.array.chunks, strict=True))
+        cells = list(chunk_rois(roi, [grid[a] for a in SPATIAL], within=self.meta.roi))
+        prefix = f"{self.array.path}/" if self.array.path else ""
+        channels = range(-(-self.meta.num_channels // grid["c"])) if "c" in grid else range(1)
+
+        def key(cell: Roi, channel: int) -> str:
+            index = tuple(channel if a == "c" else cell.begin[SPATIAL.index(a)] // grid[a] for a in self.axes)
+            return prefix + self.array.metadata.encode_chunk_key(index)
+
+        keys = [[key(cell, channel) for channel in channels] for cell in cells]
+
+        async def exists() -> list[bool]:
+            flat = [key for group in keys for key in group]
+            found = dict(zip(flat, await asyncio.gather(*(self.array.store.exists(k) for k in flat)), strict=True))
+            return [all(found[k] for k in group) for group in keys]
+
+        return [cell for cell, present in zip(cells, sync(exists()), strict=True) if not present]
 
     def _write(self, roi: Roi, data: np.ndarray) -> None:
         if "c" not in self.axes:
