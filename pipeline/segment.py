@@ -6,6 +6,7 @@ worker by `workers.plugin.ModelPlugin`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,12 +16,14 @@ import numpy as np
 
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, StorageError
-from pipeline.execution import RunResult, run_blockwise
-from pipeline.geometry import as_zyx, parse_roi, roi_key
-from pipeline.plan import BlockPlan, plan_blocks
-from pipeline.resume import DoneMarkers, job_key
+from pipeline.execution import BlockFailure, RunResult, run_blockwise
+from pipeline.geometry import as_zyx, check_ownership, parse_roi, roi_key
+from pipeline.network.inputs import InputChecks, check_voxel_size
+from pipeline.plan import BlockPlan, common_shard, plan_blocks
+from pipeline.resume import OUTPUT_FORMAT, BlockRecords, job_key, new_output_id, segment_records, state_location
 from pipeline.stitching import PatchGrid
-from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, volume_exists
+from pipeline.storage import configure, filesystem, redact
+from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,9 @@ class SegmentRun:
     config: SegmentConfig
     plan: BlockPlan
     job: Any  # workers.predict_block.PredictJob
-    done: DoneMarkers | None
+    done: BlockRecords | None
     outputs: list[str]
+    checkpoint_hash: str = ""
 
 
 @dataclass
@@ -59,6 +63,18 @@ class SegmentResult:
     outputs: list[str]
     job_key: str
     extra: dict[str, Any] = field(default_factory=dict)
+    """`pyramids` ({output: PyramidResult}) and `instances` (InstancesResult) when those stages ran;
+    `lease_failures`: outputs whose lease another run took over during this one."""
+
+    @property
+    def failures(self) -> list[BlockFailure]:
+        """What failed in every stage: segment blocks, each output's pyramid, and the instances that follow."""
+        found = list(self.run.failures) + self.extra.get("lease_failures", [])
+        for pyramid in self.extra.get("pyramids", {}).values():
+            found += pyramid.failures
+        if "instances" in self.extra:
+            found += self.extra["instances"].failures
+        return found
 
 
 def network_info(checkpoint: str) -> NetworkInfo:
@@ -88,34 +104,66 @@ def check_input(source: Volume) -> None:
         raise StorageError(f"input {source.url} has {source.meta.num_channels} channels; the network needs one")
 
 
-def _prepare_output(url: str, meta: VolumeMeta, resume: bool) -> Volume:
-    """Open a compatible existing output (to resume it) or create a new one."""
-    if resume:
+def _something_at(location: str) -> bool:
+    """Whether anything (a file, or a folder that is not empty) is stored at `location`."""
+    fs, path = filesystem(location)
+    try:
+        return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path, detail=False)))
+    except Exception as err:
+        raise StorageError(f"cannot check whether {location} exists: {err}") from err
+
+
+def _delete(location: str) -> None:
+    """Remove what is stored at `location` (only on an explicit overwrite)."""
+    fs, path = filesystem(location)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as err:
+        raise StorageError(f"cannot delete {location} to overwrite it: {err}; delete it by hand") from err
+
+
+def _prepare_output(url: str, meta: VolumeMeta, overwrite: bool) -> tuple[Volume, str]:
+    """Open a compatible existing output, or create one; return it with its identity (its `output_id`).
+
+    Nothing is deleted unless `overwrite`: an output that exists but cannot be opened is an error naming it.
+    An existing output without an identity (written by something else) gets a new one, so no record applies.
+    """
+    location = parse_volume_url(url).location
+    if overwrite:
+        _delete(location)
+        _delete(f"{state_location(location)}/segment")
+        log.info("overwrite: deleted %s and its done-records", url)
+    elif _something_at(location):
         try:
             existing = open_volume(url, mode="r+")
-        except StorageError:
-            existing = None
-        if existing is not None:
-            found = (existing.meta.shape, existing.meta.num_channels, existing.meta.dtype)
-            wanted = (meta.shape, meta.num_channels, meta.dtype)
-            if found != wanted:
-                raise StorageError(
-                    f"output {url} exists with shape/channels/dtype {found}, but this job writes {wanted}; "
-                    "choose another output, delete it, or run with --no-resume to replace it"
-                )
-            return existing
-    return create_volume(url, meta)
+        except StorageError as err:
+            raise StorageError(
+                f"output {url} exists but cannot be opened: {err}; nothing was changed. Repair or remove it, choose "
+                "another output, or run with --overwrite to delete and re-create it"
+            ) from err
+        found = (existing.meta.shape, existing.meta.num_channels, existing.meta.dtype)
+        wanted = (meta.shape, meta.num_channels, meta.dtype)
+        if found != wanted:
+            raise StorageError(
+                f"output {url} exists with shape/channels/dtype {found}, but this job writes {wanted}; "
+                "choose another output, or run with --overwrite to delete and re-create it"
+            )
+        return existing, str(existing.provenance.get("output_id") or new_output_id())
+    return create_volume(url, meta), new_output_id()
 
 
 def prepare(config: SegmentConfig) -> SegmentRun:
     """Check everything that can be checked before any work, create outputs, and plan the blocks."""
     from pipeline.network.checkpoint import resolve_checkpoint
+    from workers.plugin import plugin_name
     from workers.predict_block import PredictJob
 
     config = config.model_copy(update={"checkpoint": resolve_checkpoint(config.checkpoint)})  # a name -> its file
     source = open_volume(config.input, scale=config.input_scale)
     check_input(source)
     net = network_info(str(config.checkpoint))
+    check_voxel_size(source, config.checkpoint, config.voxel_size_tolerance)
     patch = tuple(config.patch_shape or net.patch_shape)
     bad = [p for p, d in zip(patch, net.size_divisor, strict=True) if p % d]
     if bad:
@@ -128,37 +176,46 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         num_channels=net.out_channels,
         chunks=tuple(min(c, b) for c, b in zip(config.chunk_size, config.block_size, strict=True)),
         layer_type="image",
+        shards=config.shard_size,
     )
+    if out_meta.shards is not None:  # refused before any output is created
+        check_ownership(out_meta.shards, out_meta.chunks, "output chunks", "shard_size")
+        check_ownership(config.block_size, out_meta.shards, "output shards (shard_size)", "block_size")
     outputs = [str(parse_volume_url(u)) for u in config.output]
     if str(parse_volume_url(config.input)) in outputs:
         raise ConfigError(f"output {config.input} is the input volume; choose a different output")
-    volumes = [_prepare_output(u, out_meta, config.resume) for u in outputs]
+    opened = [_prepare_output(u, out_meta, config.overwrite) for u in outputs]
+    volumes = [volume for volume, _ in opened]
+    output_ids = tuple(output_id for _, output_id in opened)
     chunks = volumes[0].meta.chunks
     if any(v.meta.chunks != chunks for v in volumes[1:]):
         raise StorageError(f"outputs {outputs} have different chunk shapes; each block must write whole chunks of all")
     margin = tuple(c + o for c, o in zip(net.context, grid.output_shape, strict=True))
-    plan = plan_blocks(source.meta.shape, chunks, config.block_size, roi, context=margin)
-    key = job_key(
-        input=str(source.url),
-        input_shape=source.meta.shape,
-        scale=config.input_scale,
-        roi=roi_key(roi),
-        block=plan.block_shape,
-        chunks=chunks,
+    shards = common_shard(chunks, (v.meta.write_unit for v in volumes))  # whole shards of every sharded output
+    plan = plan_blocks(source.meta.shape, chunks, config.block_size, roi, context=margin, shard_shape=shards)
+    job = PredictJob(
+        input_url=str(source.url),
+        output_urls=tuple(outputs),
+        volume_shape=source.meta.shape,
         grid=grid,
-        network=net.content_hash,
-        dtype=config.output_dtype,
+        output_dtype=config.output_dtype,
         blending=config.blending,
         tta=config.tta,
         median_size=median,
-        outputs=outputs,
+        input_scale=config.input_scale,
+        input_checks=InputChecks(config.fill_missing, config.input_range),
     )
-    done = DoneMarkers(volumes[0].url.location, key)
-    if not config.resume:
-        done.clear()
+    key = segment_job_key(config, source, plan, job, net.content_hash)
+    job = dataclasses.replace(
+        job,
+        key=key,
+        network=plugin_name(net.content_hash, config.device, config.precision),
+        output_ids=output_ids,
+    )
+    done = segment_records(volumes[0].url.location, output_ids, key)
     record = {
         "job_key": key,
-        "input": str(source.url),
+        "input": redact(str(source.url)),
         "checkpoint": str(config.checkpoint),
         "checkpoint_hash": net.content_hash,
         "threshold": net.threshold,
@@ -169,34 +226,61 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "roi": roi_key(roi),
         "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
     }
-    for volume in volumes:
-        volume.set_provenance(record)
-    job = PredictJob(
-        input_url=str(source.url),
-        output_urls=tuple(outputs),
-        volume_shape=source.meta.shape,
-        grid=grid,
-        output_dtype=config.output_dtype,
-        blending=config.blending,
-        tta=config.tta,
-        median_size=median,
+    for volume, output_id in zip(volumes, output_ids, strict=True):
+        volume.set_provenance({**record, "output_id": output_id, "precision": config.precision})
+    return SegmentRun(config, plan, job, done, outputs, net.content_hash)
+
+
+def segment_job_key(config: SegmentConfig, source: Volume, plan: BlockPlan, job: Any, network_hash: str) -> str:
+    """The hash of everything that defines the bytes a segment job writes, and which block is which.
+
+    Every field of the worker's job (input, outputs, patch grid, inference and output settings), the input's
+    geometry and type, the network's content hash, device and precision settings, the plan, and
+    `OUTPUT_FORMAT` (mitoseg's output version). URLs enter without credentials: a renewed signature or key is the
+    same job.
+    """
+    meta = source.meta
+    fields = dataclasses.asdict(job)
+    fields["input_url"] = redact(fields["input_url"])
+    fields["output_urls"] = [redact(u) for u in fields["output_urls"]]
+    return job_key(
+        format=OUTPUT_FORMAT,
+        job=fields,
+        input_meta=(meta.shape, meta.chunks, meta.dtype.str, meta.num_channels, meta.voxel_size_nm, meta.voxel_offset),
+        scale=config.input_scale,
+        roi=roi_key(plan.roi),
+        block=plan.block_shape,
+        chunks=plan.chunk_shape,
+        context=plan.context,
+        network=network_hash,
+        device=config.device,
+        precision=config.precision,
     )
-    return SegmentRun(config, plan, job, done, outputs)
 
 
 def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = True) -> SegmentResult:
     """Load the network on every worker and run the planned blocks."""
+    from pipeline.errors import ModelLoadError
     from workers.plugin import ModelPlugin
     from workers.predict_block import predict_block
 
     config = run.config
-    plugin = plugin or ModelPlugin(config.checkpoint, device=config.device, precision=config.precision)
-    client.register_plugin(plugin)
+    plugin = plugin or ModelPlugin(
+        config.checkpoint, device=config.device, precision=config.precision, content_hash=run.checkpoint_hash
+    )
+    if plugin.name != run.job.network:
+        raise ModelLoadError(
+            f"the worker plugin {plugin.name} does not run the network this job planned with ({run.job.network}); "
+            "give a plugin for the job's checkpoint, device and precision"
+        )
+    client.register_plugin(plugin)  # named for its network: other jobs' networks on this cluster stay loaded
     result = run_blockwise(
         client,
         run.plan,
         partial(predict_block, job=run.job),
         done=run.done,
+        check_on_worker=True,
+        resume=config.resume,
         max_in_flight=config.max_in_flight,
         retries=config.retries,
         resources={"GPU": 1} if config.gpu_resource else None,
@@ -206,8 +290,22 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
     return SegmentResult(result, run.outputs, run.done.key if run.done else "")
 
 
-def segment(config: SegmentConfig, client: Any = None, plugin: Any = None, progress: bool = True) -> SegmentResult:
-    """Run a whole segment job: on `client` when given, else on the cluster the config names."""
+def segment(
+    config: SegmentConfig, client: Any = None, plugin: Any = None, progress: bool = True, force: bool = False
+) -> SegmentResult:
+    """Run a whole segment job: on `client` when given, else on the cluster the config names.
+
+    The run holds the lease of every output throughout (`pipeline.lease`); `force` breaks another run's."""
+    from pipeline.lease import hold_leases
+
+    configure(config.storage.s3_endpoint_url)  # before any storage access (leases, volumes) and local workers
+    with hold_leases([parse_volume_url(u).location for u in config.output], force=force) as leases:
+        result = _segment(config, client, plugin, progress, force)
+    result.extra["lease_failures"] = [f for f in (lease.failure() for lease in leases) if f is not None]
+    return result
+
+
+def _segment(config: SegmentConfig, client: Any, plugin: Any, progress: bool, force: bool) -> SegmentResult:
     from pipeline.cluster import dask_client
 
     run = prepare(config)
@@ -220,26 +318,28 @@ def segment(config: SegmentConfig, client: Any = None, plugin: Any = None, progr
         run.job.grid.patch_shape,
     )
     if client is not None:
-        return _execute_and_finish(run, client, plugin, progress)
+        return _execute_and_finish(run, client, plugin, progress, force)
     with dask_client(config.cluster, gpus=int(config.gpu_resource)) as own:
-        return _execute_and_finish(run, own, plugin, progress)
+        return _execute_and_finish(run, own, plugin, progress, force)
 
 
-def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: bool) -> SegmentResult:
+def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: bool, force: bool) -> SegmentResult:
     """Run the blocks, then add the viewing pyramid to each output when every block succeeded."""
     result = execute(run, client, plugin, progress)
+    if result.run.ok and result.run.completed == 0:
+        log.info("%s: nothing changed since the last run (same job, same input): no block was computed", run.outputs)
     if result.run.ok:
         for url in result.outputs:
             volume = open_volume(url, mode="r+")
             volume.set_provenance({**volume.provenance, "complete": True})
     if run.config.pyramid and result.run.ok:
-        from pipeline.viewing.pyramid import add_pyramid
+        from pipeline.viewing.pyramid import add_pyramid, pyramid_is_current
 
         for url in result.outputs:
-            if result.run.completed == 0 and volume_exists(url, scale=1):
-                continue  # nothing changed since the pyramid was built: a re-run stays a no-op
-            pyramid = add_pyramid(client, url, progress=progress)
-            result.extra.setdefault("pyramid_levels", {})[url] = len(pyramid.levels)
+            if result.run.completed == 0 and pyramid_is_current(url, result.job_key):
+                continue  # nothing changed since the pyramid was finished: a re-run stays a no-op
+            pyramid = add_pyramid(client, url, progress=progress, key=result.job_key)
+            result.extra.setdefault("pyramids", {})[url] = pyramid  # its failures count (`failures`)
     if run.config.instances is not None and result.run.ok:
         from pipeline.instances.run import run_instances
 
@@ -248,5 +348,5 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
         follow = follow.model_copy(
             update={"input": follow.input or result.outputs[0], "roi": follow.roi or run.config.roi}
         )
-        result.extra["instances"] = run_instances(follow, client, progress=progress)
+        result.extra["instances"] = run_instances(follow, client, progress=progress, force=force)
     return result

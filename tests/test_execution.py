@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from daisy import Block
 
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.plan import plan_blocks
-from pipeline.resume import DoneMarkers
+from pipeline.resume import BlockRecord, BlockRecords, DoneMarkers, Recorded, fingerprint
 
 PLAN = plan_blocks((5, 8, 10), (2, 4, 4), (2, 4, 4))  # a 3 x 2 x 3 grid; the last row, column and slab are clipped
 ALL = set(range(18))
@@ -132,19 +133,56 @@ def test_no_retries_means_one_attempt() -> None:
 
 def test_done_records_skip_finished_blocks_and_a_rerun_does_only_the_rest(tmp_path: Path) -> None:
     done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
-    done.mark(0)
-    done.mark(5)
+    done.mark([0, 5])
+    DoneMarkers(str(tmp_path / "out.zarr"), "other job").mark([1])  # another job's record is not this job's
     fn = Blocks({17: 99})
     first = run(FakeClient(), fn, done=done)
     assert (first.completed, first.skipped, first.failed) == (15, 2, 1)
     assert set(fn.calls) == ALL - {0, 5}
-    assert done.load() == ALL - {17}  # recorded only after the block returned
+    assert done.load().done_ids("job") == ALL - {17}  # recorded only after the block returned
 
     client, fn = FakeClient(), Blocks()
     second = run(client, fn, done=done)
     assert (second.completed, second.skipped, second.failed, second.ok) == (1, 17, 0, True)
     assert set(fn.calls) == {17} and len(client.submitted) == 1
-    assert done.load() == ALL
+    assert done.load().done_ids("job") == ALL
+    assert run(FakeClient(), Blocks(), done=done, resume=False).completed == 18  # records ignored, none deleted
+
+
+def test_records_are_written_in_batches_not_one_object_per_block(tmp_path: Path) -> None:
+    done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
+    run(FakeClient(), Blocks(), done=done)
+    assert len(list((tmp_path / "out.zarr.mitoseg" / "done" / "job").glob("*.npz"))) == 1  # 18 blocks, one object
+
+
+class Checking:
+    """A block function that checks on the worker: unchanged when its previous record holds `version`."""
+
+    def __init__(self, version: dict[int, str]):
+        self.version = version
+        self.computed: list[int] = []
+
+    def __call__(self, block: Block, previous: BlockRecord | None) -> Recorded:
+        block_id = block.block_id[1]
+        record = BlockRecord("job", fingerprint(np.array([self.version.get(block_id, "a")])))
+        if previous == record:
+            return Recorded(None, record, unchanged=True)
+        self.computed.append(block_id)
+        return Recorded(block_id, record)
+
+
+def test_blocks_checked_on_the_worker_recompute_only_what_changed(tmp_path: Path) -> None:
+    done = BlockRecords(str(tmp_path / "records"), "job")
+    fn = Checking({})
+    first = run(FakeClient(), fn, done=done, check_on_worker=True)
+    assert (first.completed, first.unchanged, first.skipped) == (18, 0, 0) and sorted(fn.computed) == sorted(ALL)
+    fn = Checking({3: "b", 11: "b"})  # the inputs of blocks 3 and 11 changed
+    again = run(FakeClient(), fn, done=done, check_on_worker=True, keep_results=True)
+    assert (again.completed, again.unchanged, again.skipped) == (2, 16, 0) and sorted(fn.computed) == [3, 11]
+    assert again.voxels == sum(PLAN.block_at(PLAN.index_of(b)).write_roi.size for b in (3, 11))  # computed ones only
+    assert again.results[3] == 3 and again.results[0] is None
+    fn = Checking({3: "b", 11: "b"})
+    assert run(FakeClient(), fn, done=done, check_on_worker=True).unchanged == 18 and fn.computed == []
 
 
 def test_run_result_counts_voxels_and_keeps_results_by_block_when_they_finish_out_of_order() -> None:
@@ -173,3 +211,43 @@ def test_in_flight_work_follows_workers_as_they_join() -> None:
     result = run(client, joining)
     assert result.completed == 18
     assert client.most_in_flight == 2 * 4 + 2  # not the 4 computed from the one worker at the start
+
+
+class DyingClient(FakeClient):
+    """A fake client whose task holding block `dies_with` always fails as a whole, as when its worker dies."""
+
+    def __init__(self, dies_with: int):
+        super().__init__()
+        self.dies_with = dies_with
+
+    def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        blocks = args[1]
+        if any(b.block_id[1] == self.dies_with for b in blocks):
+
+            def die(*_: Any) -> Any:
+                raise RuntimeError("worker died")
+
+            func = die
+        return super().submit(func, *args, **kwargs)
+
+
+def test_tasks_of_several_blocks_keep_per_block_retries_failures_and_records(tmp_path: Path) -> None:
+    done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
+    client, fn = FakeClient(), Blocks({4: 2, 9: 99})
+    result = run(client, fn, done=done, blocks_per_task=4, retries=2, keep_results=True)
+    assert len(client.submitted) == 5  # 18 blocks, 4 a task
+    assert fn.calls[4] == fn.calls[9] == 3 and set(fn.calls) == ALL  # each block retried on its own
+    assert [f.block_id for f in result.failures] == [9] and result.completed == 17
+    assert result.results == {b: 10 * b for b in ALL - {9}}
+    assert done.load().done_ids("job") == ALL - {9}
+    dying = run(DyingClient(dies_with=9), Blocks(), done=done, blocks_per_task=4)
+    assert (dying.completed, dying.skipped, [f.block_id for f in dying.failures]) == (0, 17, [9])
+    dead = run(DyingClient(dies_with=1), Blocks(), blocks_per_task=4)
+    assert sorted(f.block_id for f in dead.failures) == [0, 1, 2, 3] and dead.completed == 14  # its whole task
+    assert all(f.error == "RuntimeError: worker died" for f in dead.failures)
+
+
+def test_tasks_grow_to_the_measured_block_time() -> None:
+    client = FakeClient()
+    result = run(client, Blocks(), blocks_per_task=None)
+    assert result.completed == 18 and len(client.submitted) < 18  # instant blocks: the rest go in one task

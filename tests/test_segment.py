@@ -12,6 +12,7 @@ from daisy import Roi
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import BlockFailedError, ConfigError, GeometryError, ModelLoadError, StorageError
 from pipeline.evaluation import evaluate_semantic
+from pipeline.resume import BlockRecords
 from pipeline.segment import segment
 from pipeline.volumes import open_volume
 from workers.plugin import ModelPlugin
@@ -102,7 +103,7 @@ def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_ur
     first = segment(cfg, client=clients[1], progress=False).run
     assert first.completed == first.total and first.skipped == 0
     again = segment(cfg, client=clients[1], progress=False).run
-    assert again.completed == 0 and again.skipped == first.total
+    assert again.completed == 0 and again.unchanged == first.total and again.skipped == 0
     changed = segment(cfg.model_copy(update={"overlap": 0.5}), client=clients[1], progress=False).run
     assert changed.completed == first.total  # a different plan never reuses stale marks
     fresh = segment(cfg.model_copy(update={"resume": False}), client=clients[1], progress=False).run
@@ -153,7 +154,7 @@ def test_block_that_always_fails_is_reported_and_others_written(clients, raw_url
     got = read_all(out)
     assert (got[:, :16] > 0).all() and (got[:, 16:, :64] > 0).all()  # every other block was written
     again = segment(cfg, client=clients[2], progress=False).run
-    assert again.skipped == run.total - 1 and again.failed == 1 and again.completed == 0
+    assert again.unchanged == run.total - 1 and again.failed == 1 and again.completed == 0
     assert open_volume(out).provenance["complete"] is False
     with pytest.raises(BlockFailedError, match="is incomplete.*run the same segment command again.*evaluating"):
         evaluate_semantic(out, raw_url)
@@ -225,13 +226,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(raw_url, tiny_checkpoint
         "1",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done_dir = tmp_path / "p.zarr/probs.mitoseg/done"
+    state = tmp_path / "p.zarr/probs.mitoseg/segment"
+
+    def recorded() -> int:
+        return sum(len(BlockRecords(str(d), "").load()) for d in state.glob("*"))
+
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(done_dir.glob("*/*"))) < 5 and proc.poll() is None:
+    while time.time() < deadline and recorded() < 5 and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(done_dir.glob("*/*")))
+    finished = recorded()
     total = 3 * 5 * 5
     assert 5 <= finished < total, "the run should have been killed midway"
     again = subprocess.run(args, capture_output=True, text=True)

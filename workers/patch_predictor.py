@@ -54,6 +54,8 @@ class Predictor:
         self.out_channels = int(loaded.network_config.out_channels)
         if precision == "auto":
             precision = "float16" if self.device == "cuda" else "float32"
+        self.device_class = f"{self.device}/{precision}"
+        """Where and at which precision it runs: part of every block record, since both change the bytes."""
         self.autocast_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision)
         self.memory_format = torch.contiguous_format
         if optimize:

@@ -1,4 +1,9 @@
-"""Per-block prediction inside a Dask worker: read with mirror padding, blend patches, write the valid region."""
+"""Per-block prediction inside a Dask worker: read with mirror padding, blend patches, write the valid region.
+
+A block first fingerprints the input region it reads (context included); when its previous record names the
+same job, device class and fingerprint, the data it wrote then is still what it would write now, so it skips the
+network and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from typing import Any
 
 from daisy import Block, Roi
 
+from pipeline.errors import StorageError
 from pipeline.median_filter import median_filter, median_margin
-from pipeline.network.inputs import scale_input
+from pipeline.network.inputs import InputChecks
 from pipeline.network.tta import TTAMode
+from pipeline.resume import BlockRecord, Recorded, fingerprint
 from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, to_output_dtype
 from pipeline.volumes import Volume, open_volume
 
@@ -27,35 +34,67 @@ class PredictJob:
     blending: Blending = "gaussian"
     tta: TTAMode = "none"
     median_size: int = 0
+    input_scale: int = 0
+    """Scale level of the input that `volume_shape` and the outputs' grid are of."""
+    input_checks: InputChecks = InputChecks()
+    key: str = ""
+    """The job key (`pipeline.resume.job_key`): everything above, the network, plan and settings, hashed."""
+    network: str = ""
+    """Name of the worker plugin that runs this job's network (`workers.plugin.plugin_name`)."""
+    output_ids: tuple[str, ...] = ()
+    """Identity of each output (stored in its metadata when it was created), in `output_urls` order."""
 
 
 @lru_cache(maxsize=16)
-def _open(url: str, mode: str) -> Volume:
-    """Volumes stay open for the life of the worker process: opening costs a metadata read."""
-    return open_volume(url, mode=mode)
+def _open(url: str, mode: str, tag: str, scale: int = 0) -> Volume:
+    """Volumes stay open for the life of the worker process, per job or output identity (`tag`): a re-created
+    volume is opened afresh, never written through stale metadata."""
+    return open_volume(url, mode=mode, scale=scale)
 
 
-def predict_block(block: Block, job: PredictJob, predictor: Any = None) -> int:
-    """Predict `block.write_roi` and write it to every output; return the number of voxels written.
+def _output(url: str, output_id: str) -> Volume:
+    """The output at `url`, checked to be the one its job created or opened (not a replacement).
 
-    `predictor` defaults to the worker's network; tests may pass any patch function instead.
+    The identity is read from storage for every block (one small metadata read), so a block never writes into an
+    output that another run re-created after this worker opened it."""
+    volume = _open(url, "r+", output_id)
+    found = open_volume(url).provenance.get("output_id") if output_id else None
+    if output_id and found != output_id:
+        raise StorageError(
+            f"output {url} was replaced while this job ran (its identity is {found}, the job's {output_id}); "
+            "nothing was written to it: run the job again"
+        )
+    return volume
+
+
+def predict_block(
+    block: Block, previous: BlockRecord | None = None, *, job: PredictJob, predictor: Any = None
+) -> Recorded:
+    """Predict `block.write_roi` and write it to every output, unless `previous` shows it unchanged.
+
+    Returns the number of voxels written with the block's record. `predictor` defaults to the job's network on
+    this worker; tests may pass any patch function instead.
     """
     if predictor is None:
         from workers.plugin import worker_predictor
 
-        predictor = worker_predictor()
-    source = _open(job.input_url, "r")
+        predictor = worker_predictor(job.network)
+    source = _open(job.input_url, "r", job.key, job.input_scale)
     # a median filter needs predictions around the block: predict a larger region (inside the volume, so the
     # filter sees what it would see on the whole volume) and keep the block
     margin = median_margin(job.median_size)
     region = block.write_roi.grow((margin,) * 3, (margin,) * 3).intersect(Roi((0, 0, 0), job.volume_shape))
     read_roi = job.grid.read_roi(region)
-    raw = scale_input(read_mirrored(source.read, read_roi, job.volume_shape))
+    read = read_mirrored(job.input_checks.reader(source), read_roi, job.volume_shape)
+    record = BlockRecord(f"{job.key}/{getattr(predictor, 'device_class', 'other')}", fingerprint(read))
+    if previous == record:
+        return Recorded(0, record, unchanged=True)
+    raw = job.input_checks.scale(read, source, read_roi)
     patch_fn = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
     probs = median_filter(predict_region(raw, read_roi, region, job.grid, patch_fn, job.blending), job.median_size)
     inner = block.write_roi - region.offset
     probs = probs[(slice(None), *inner.to_slices())]
     data = to_output_dtype(probs, job.output_dtype)
-    for url in job.output_urls:
-        _open(url, "r+").write(block.write_roi, data)
-    return int(block.write_roi.size)
+    for n, url in enumerate(job.output_urls):
+        _output(url, job.output_ids[n] if job.output_ids else "").write(block.write_roi, data)
+    return Recorded(int(block.write_roi.size), record)

@@ -8,8 +8,11 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli.options import config_default
+from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
 from pipeline.geometry import as_zyx
+from pipeline.network.tta import TTAMode
 
 
 def parse_zyx(text: str | None, option: str) -> tuple[int, int, int] | None:
@@ -61,14 +64,37 @@ def segment(
     input: Annotated[str | None, typer.Option("--input", help="EM volume URL or local path.")] = None,
     output: Annotated[list[str] | None, typer.Option("--output", help="Output volume URL (repeatable).")] = None,
     checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", help="Network: a shipped name (lucchi, demo) or a .pt file.")
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            help="Network: a shipped name (lucchi, demo) or a .pt file.",
+            show_default=config_default(SegmentConfig, "checkpoint"),
+        ),
     ] = None,
-    block_size: Annotated[str | None, typer.Option("--block-size", help="Write block Z,Y,X in voxels.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Local Dask worker processes.")] = None,
+    block_size: Annotated[
+        str | None,
+        typer.Option(
+            "--block-size",
+            help="Write block Z,Y,X in voxels.",
+            show_default=config_default(SegmentConfig, "block_size"),
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Local Dask worker processes.",
+            show_default=config_default(SegmentConfig, "cluster.workers"),
+        ),
+    ] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
     cluster: Annotated[
         ClusterKind | None,
-        typer.Option("--cluster", help="Where workers run; replaces the job file's cluster section. [default: local]"),
+        typer.Option(
+            "--cluster",
+            help="Where workers run; replaces the job file's cluster section.",
+            show_default=config_default(SegmentConfig, "cluster"),
+        ),
     ] = None,
     scheduler_file: Annotated[
         str | None, typer.Option("--scheduler-file", help="Scheduler file of a running scheduler.")
@@ -82,11 +108,28 @@ def segment(
     ] = None,
     roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
     overlap: Annotated[
-        str | None, typer.Option("--overlap", help="Tile overlap: one fraction, or Z,Y,X (e.g. 0.75,0.25,0.25).")
+        str | None,
+        typer.Option(
+            "--overlap",
+            help="Tile overlap: one fraction, or Z,Y,X (e.g. 0.75,0.25,0.25).",
+            show_default=config_default(SegmentConfig, "overlap"),
+        ),
     ] = None,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
+    no_resume: Annotated[
+        bool,
+        typer.Option("--no-resume", help="Recompute every block, even unchanged ones, into the existing outputs."),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Delete existing outputs and their done-records, then create them anew."),
+    ] = False,
     tta: Annotated[
-        str | None, typer.Option("--tta", help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).")
+        TTAMode | None,
+        typer.Option(
+            "--tta",
+            help="Test-time augmentation: none, yx (8 passes) or zyx (16 passes).",
+            show_default=config_default(SegmentConfig, "tta"),
+        ),
     ] = None,
     median_size: Annotated[
         int | None,
@@ -98,58 +141,69 @@ def segment(
     instances: Annotated[
         str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Break another run's lease on the outputs (only when that run is gone).")
+    ] = False,
+    summary_json: Annotated[
+        Path | None,
+        typer.Option("--summary-json", help="Write counts, failures, durations and versions here as JSON."),
+    ] = None,
 ) -> None:
     """Segment mitochondria: write one probability channel per network output."""
     from rich.console import Console
 
-    from pipeline.cli.report import print_failures, print_instances, print_run
+    from pipeline.cli.report import print_failures, print_instances, print_pyramids, print_run
+    from pipeline.cli.summary import summarised
     from pipeline.config import load_config
     from pipeline.config.instances import InstancesConfig
-    from pipeline.config.segment import SegmentConfig
     from pipeline.segment import segment as run_segment
+    from pipeline.storage import redact
     from pipeline.synthetic import ensure_synthetic_input
     from pipeline.viewing import view_command
 
-    overrides = {
-        "input": input,
-        "output": output or None,
-        "checkpoint": checkpoint,
-        "block_size": parse_zyx(block_size, "--block-size"),
-        "workers": workers,
-        "scheduler": scheduler,
-        **cluster_overrides(
-            cluster,
-            scheduler_file=scheduler_file,
-            max_jobs=max_jobs,
-            gpus_per_job=gpus_per_job,
-            queue=queue,
-            walltime=walltime,
-            min_workers=min_workers,
-        ),
-        "roi": roi,
-        "overlap": parse_fractions(overlap, "--overlap"),
-        "resume": False if no_resume else None,
-        "tta": tta,
-        "median_size": median_size,
-    }
-    cfg = load_config(SegmentConfig, config, overrides)
-    if instances:
-        section = cfg.instances or InstancesConfig()
-        cfg = cfg.model_copy(update={"instances": section.model_copy(update={"output": instances})})
-    ensure_synthetic_input(cfg)
-    result = run_segment(cfg)
-    console = Console(soft_wrap=True)
-    print_run(console, "segment", result.run)
-    for url in result.outputs:
-        console.print(f"output: {url}")
-    failures = list(result.run.failures)
-    shown = [cfg.input, *result.outputs]
-    follow = result.extra.get("instances")
-    if follow is not None:
-        print_instances(console, follow)
-        failures += follow.failures
-        shown.append(follow.output)
-    if failures:
-        print_failures(console, failures)
-        raise typer.Exit(1)
-    console.print(f"view: {view_command(shown)}", highlight=False)
+    with summarised(summary_json, "segment", input) as summary:
+        overrides = {
+            "input": input,
+            "output": output or None,
+            "checkpoint": checkpoint,
+            "block_size": parse_zyx(block_size, "--block-size"),
+            "workers": workers,
+            "scheduler": scheduler,
+            **cluster_overrides(
+                cluster,
+                scheduler_file=scheduler_file,
+                max_jobs=max_jobs,
+                gpus_per_job=gpus_per_job,
+                queue=queue,
+                walltime=walltime,
+                min_workers=min_workers,
+            ),
+            "roi": roi,
+            "overlap": parse_fractions(overlap, "--overlap"),
+            "resume": False if no_resume else None,
+            "overwrite": True if overwrite else None,
+            "tta": tta,
+            "median_size": median_size,
+        }
+        cfg = load_config(SegmentConfig, config, overrides)
+        summary.input = cfg.input
+        if instances:
+            section = cfg.instances or InstancesConfig()
+            cfg = cfg.model_copy(update={"instances": section.model_copy(update={"output": instances})})
+        ensure_synthetic_input(cfg)
+        result = run_segment(cfg, force=force)
+        summary.add_segment(result)
+        console = Console(soft_wrap=True)
+        print_run(console, "segment", result.run)
+        print_pyramids(console, result.extra.get("pyramids", {}))
+        for url in result.outputs:
+            console.print(f"output: {redact(url)}")
+        shown = [cfg.input, *result.outputs]
+        follow = result.extra.get("instances")
+        if follow is not None:
+            print_instances(console, follow)
+            shown.append(follow.output)
+        if result.failures:
+            print_failures(console, result.failures)
+            raise typer.Exit(1)
+        console.print(f"view: {view_command(shown)}", highlight=False)

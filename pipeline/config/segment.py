@@ -11,6 +11,7 @@ from pipeline.config.cluster import ClusterJob
 from pipeline.config.instances import InstancesConfig
 from pipeline.config.synthetic import SyntheticVolume
 from pipeline.geometry import Vec3
+from pipeline.network.inputs import VOXEL_SIZE_TOLERANCE
 from pipeline.network.tta import TTAMode
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -30,10 +31,33 @@ class SegmentConfig(ClusterJob):
         description="Trained network: a shipped checkpoint's name (lucchi, demo; see `mitoseg checkpoint info`) or "
         "the path to a checkpoint file (.pt).",
     )
-    input_scale: int = Field(0, ge=0, description="Scale level to read from an OME-Zarr multiscale input.")
+    input_scale: int = Field(
+        0, ge=0, description="Scale level to read (OME-Zarr multiscale level or precomputed mip); outputs get its grid."
+    )
+    fill_missing: bool = Field(
+        False,
+        description="Read input chunks absent from storage as the fill value (zeros) instead of failing the block; "
+        "zarr leaves out chunks that hold only the fill value.",
+    )
+    input_range: tuple[float, float] | None = Field(
+        None,
+        description="Input intensities (low, high) mapped to [0, 1], e.g. [0, 255] for float input holding 8-bit "
+        "values; none: integers by their type's maximum, floats must already lie in [0, 1].",
+    )
+    voxel_size_tolerance: float = Field(
+        VOXEL_SIZE_TOLERANCE,
+        ge=0.0,
+        description="Largest relative difference per axis between the input's voxel size (nm) and the one the "
+        "checkpoint was trained at before the job is refused (0.25 = 25 %).",
+    )
     roi: str | None = Field(None, description="Region OFFSET:SHAPE in z,y,x voxels; the whole volume when absent.")
     block_size: Vec3 = Field((64, 256, 256), description="Write block (z, y, x) in voxels; whole output chunks.")
     chunk_size: Vec3 = Field((32, 128, 128), description="Output chunk (z, y, x) in voxels, for new outputs.")
+    shard_size: Vec3 | None = Field(
+        None,
+        description="Output shard (z, y, x) in voxels, whole chunks, for new outputs: one file per shard (zarr v3 "
+        "sharding, precomputed sharded) instead of one per chunk; blocks must be whole shards. None = unsharded.",
+    )
     patch_shape: Vec3 | None = Field(None, description="Network input patch (z, y, x); the checkpoint's when absent.")
     overlap: tuple[Fraction, Fraction, Fraction] = Field(
         (0.25, 0.25, 0.25),
@@ -61,7 +85,16 @@ class SegmentConfig(ClusterJob):
         "auto", description="auto = float16 autocast on GPU, float32 on CPU (bf16 is slow on CPUs)."
     )
     gpu_resource: bool = Field(False, description="Ask Dask for one 'GPU' worker resource per block.")
-    resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
+    resume: bool = Field(
+        True,
+        description="Skip blocks whose record shows the same job and the same input region as now; False recomputes "
+        "every block into the existing outputs (nothing is deleted).",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Delete existing outputs (their data and done-records) and create them anew; without it "
+        "mitoseg never deletes anything.",
+    )
     retries: int = Field(2, ge=0, description="Times a failing block is retried before it is reported.")
     max_in_flight: int | None = Field(None, ge=1, description="Blocks submitted at once; 2 per worker + 2 if unset.")
     pyramid: bool = Field(True, description="Add down-sampled scales to the outputs for viewing.")
@@ -79,6 +112,13 @@ class SegmentConfig(ClusterJob):
     def _one_cluster(cls, value: InstancesConfig | None) -> InstancesConfig | None:
         if value is not None and "cluster" in value.model_fields_set:
             raise ValueError("the instances section runs on segment's own cluster: set cluster at the top of the job")
+        return value
+
+    @field_validator("input_range")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not -float("inf") < value[0] < value[1] < float("inf"):
+            raise ValueError(f"input_range is (low, high) with low < high, both finite; got {list(value)}")
         return value
 
     @field_validator("output", mode="before")
