@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -23,7 +24,8 @@ from pipeline.plan import BlockPlan, common_shard, plan_blocks
 from pipeline.resume import OUTPUT_FORMAT, BlockRecords, job_key, new_output_id, segment_records, state_location
 from pipeline.stitching import PatchGrid
 from pipeline.storage import configure, filesystem, redact
-from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
+from pipeline.versions import ORIGINAL, current_location, switch, target_for, unpoint, version_location
+from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, resolve_version
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,10 @@ class SegmentRun:
     job: Any  # workers.predict_block.PredictJob
     done: BlockRecords | None
     outputs: list[str]
+    """The exact volumes this run writes (a version of each output the job names)."""
     checkpoint_hash: str = ""
+    named: list[str] = field(default_factory=list)
+    """The outputs as the job names them; each shows the version this run wrote once it is complete."""
 
 
 @dataclass
@@ -123,7 +128,7 @@ def _delete(location: str) -> None:
         raise StorageError(f"cannot delete {location} to overwrite it: {err}; delete it by hand") from err
 
 
-def _prepare_output(url: str, meta: VolumeMeta, overwrite: bool) -> tuple[Volume, str]:
+def _prepare_output(url: str, meta: VolumeMeta, overwrite: bool, check: bool = True) -> tuple[Volume, str]:
     """Open a compatible existing output, or create one; return it with its identity (its `output_id`).
 
     Nothing is deleted unless `overwrite`: an output that exists but cannot be opened is an error naming it.
@@ -142,15 +147,21 @@ def _prepare_output(url: str, meta: VolumeMeta, overwrite: bool) -> tuple[Volume
                 f"output {url} exists but cannot be opened: {err}; nothing was changed. Repair or remove it, choose "
                 "another output, or run with --overwrite to delete and re-create it"
             ) from err
-        found = (existing.meta.shape, existing.meta.num_channels, existing.meta.dtype)
-        wanted = (meta.shape, meta.num_channels, meta.dtype)
-        if found != wanted:
-            raise StorageError(
-                f"output {url} exists with shape/channels/dtype {found}, but this job writes {wanted}; "
-                "choose another output, or run with --overwrite to delete and re-create it"
-            )
+        if check:
+            _check_layout(existing, meta)
         return existing, str(existing.provenance.get("output_id") or new_output_id())
     return create_volume(url, meta), new_output_id()
+
+
+def _check_layout(existing: Volume, meta: VolumeMeta) -> None:
+    """Refuse to go on writing into an existing output whose shape, channels or type differ from this job's."""
+    found = (existing.meta.shape, existing.meta.num_channels, existing.meta.dtype)
+    wanted = (meta.shape, meta.num_channels, meta.dtype)
+    if found != wanted:
+        raise StorageError(
+            f"output {existing.url} exists with shape/channels/dtype {found}, but this job writes {wanted}; "
+            "choose another output, or run with --overwrite to delete and re-create it"
+        )
 
 
 def prepare(config: SegmentConfig) -> SegmentRun:
@@ -184,7 +195,12 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     outputs = [str(parse_volume_url(u)) for u in config.output]
     if str(parse_volume_url(config.input)) in outputs:
         raise ConfigError(f"output {config.input} is the input volume; choose a different output")
-    opened = [_prepare_output(u, out_meta, config.overwrite) for u in outputs]
+    if config.overwrite:
+        for url in outputs:
+            unpoint(parse_volume_url(url).location)  # the output location itself is current again
+    current = [str(resolve_version(u)) for u in outputs]  # where each output's current version lives
+    fresh = [not _something_at(parse_volume_url(u).location) for u in current]
+    opened = [_prepare_output(u, out_meta, config.overwrite, check=False) for u in current]
     volumes = [volume for volume, _ in opened]
     output_ids = tuple(output_id for _, output_id in opened)
     chunks = volumes[0].meta.chunks
@@ -206,8 +222,17 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         input_checks=InputChecks(config.fill_missing, config.input_range),
     )
     key = segment_job_key(config, source, plan, job, net.content_hash)
+    targets = [
+        (volume, output_id) if new or config.overwrite else _version_for(url, key, volume, output_id, out_meta)
+        for url, new, volume, output_id in zip(outputs, fresh, volumes, output_ids, strict=True)
+    ]
+    for volume, _ in targets:
+        _check_layout(volume, out_meta)
+    volumes = [volume for volume, _ in targets]
+    output_ids = tuple(output_id for _, output_id in targets)
     job = dataclasses.replace(
         job,
+        output_urls=tuple(str(v.url) for v in volumes),
         key=key,
         network=plugin_name(net.content_hash, config.device, config.precision),
         output_ids=output_ids,
@@ -227,8 +252,45 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
     }
     for volume, output_id in zip(volumes, output_ids, strict=True):
-        volume.set_provenance({**record, "output_id": output_id, "precision": config.precision})
-    return SegmentRun(config, plan, job, done, outputs, net.content_hash)
+        made = volume.provenance.get("created_at") or time.time()
+        volume.set_provenance({**record, "output_id": output_id, "precision": config.precision, "created_at": made})
+    return SegmentRun(config, plan, job, done, list(job.output_urls), net.content_hash, outputs)
+
+
+def _show_written_versions(run: SegmentRun) -> None:
+    """Switch each output the job names to the version this run completed, if it is not current already."""
+    for named, written in zip(run.named, run.outputs, strict=True):
+        location, target = parse_volume_url(named).location, parse_volume_url(written).location
+        if current_location(location) == target:
+            continue
+        name = ORIGINAL if target == location else target.rsplit("/", 1)[-1]
+        switch(location, name)
+        log.info("output %s now shows version %s (earlier versions stay: mitoseg versions list)", redact(named), name)
+
+
+def _version_for(url: str, key: str, current: Volume, current_id: str, meta: VolumeMeta) -> tuple[Volume, str]:
+    """The version of output `url` that job `key` writes: the current one when it is this job's, an earlier
+    version of this job (a return to an earlier network or setting), or a new version beside the others, with
+    `meta`'s shape, channels and type in the current one's chunks and shards. A changed job never writes into
+    another job's output (`pipeline.versions`)."""
+    if current.provenance.get("job_key") == key:
+        return current, current_id
+    found = target_for(url, key)
+    if found is not None:
+        log.info("output %s: version %s was written by this same job; going on there", redact(url), found.name)
+        volume = open_volume(f"{str(current.url).split('://', 1)[0]}://{found.location}", mode="r+")
+        return volume, str(volume.provenance.get("output_id") or new_output_id())
+    location = version_location(parse_volume_url(url).location, key)
+    target = f"{str(current.url).split('://', 1)[0]}://{location}"
+    log.info(
+        "output %s holds another job's result (%s): writing version %s beside it; the output switches to it when "
+        "it is complete",
+        redact(url),
+        current.provenance.get("job_key", "not written by mitoseg segment"),
+        key,
+    )
+    layout = meta.derive(chunks=current.meta.chunks, shards=current.meta.shards)
+    return _prepare_output(target, layout, overwrite=False)
 
 
 def segment_job_key(config: SegmentConfig, source: Volume, plan: BlockPlan, job: Any, network_hash: str) -> str:
@@ -340,6 +402,8 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
                 continue  # nothing changed since the pyramid was finished: a re-run stays a no-op
             pyramid = add_pyramid(client, url, progress=progress, key=result.job_key)
             result.extra.setdefault("pyramids", {})[url] = pyramid  # its failures count (`failures`)
+    if result.run.ok and not result.failures:
+        _show_written_versions(run)
     if run.config.instances is not None and result.run.ok:
         from pipeline.instances.run import run_instances
 

@@ -8,8 +8,9 @@ Layout for an output at location `L` (any storage `pipeline.storage` reaches):
 - `L.mitoseg/current.json`: the pointer, written once a version is complete. It names the current version and
   its location. Without a pointer the current version is `L`.
 
-Readers (`view`, `evaluate`, `instances`, …) open volumes through `pipeline.volumes.open_volume`, which follows
-the pointer, so they see the previous version, whole, until the new one is finished and the pointer switches.
+Readers (`view`, `evaluate`, `instances`) follow the pointer (`pipeline.volumes.resolve_version`), so they see
+the previous version, whole, until the new one is finished and the pointer switches; inside a run every stage
+addresses the exact version it writes.
 The pointer is one small object replaced in one step: a rename on local files, a single PUT on object stores
 (which replace an object atomically).
 """
@@ -105,6 +106,17 @@ def switch(location: str, version: str) -> Pointer:
     return pointer
 
 
+def unpoint(location: str) -> None:
+    """Remove the pointer of the output at `location`, so that the output location itself is current again
+    (before an explicit overwrite of it)."""
+    fs, path = filesystem(pointer_location(location))
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except OSError as err:
+        raise StorageError(f"cannot remove the version pointer {pointer_location(location)}: {err}") from err
+
+
 @dataclass(frozen=True)
 class Version:
     """One stored version of an output and what its provenance says about it."""
@@ -124,7 +136,7 @@ def _provenance(kind_prefix: str, location: str) -> dict[str, Any] | None:
     from pipeline.volumes import open_volume
 
     try:
-        return dict(open_volume(f"{kind_prefix}://{location}", resolve=False).provenance)
+        return dict(open_volume(f"{kind_prefix}://{location}").provenance)
     except StorageError:
         return None
 

@@ -20,7 +20,7 @@ from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ModelLoadError, StorageError
 from pipeline.execution import run_blockwise
 from pipeline.segment import prepare, segment
-from pipeline.volumes import open_volume
+from pipeline.volumes import open_volume, resolve_version
 
 pytestmark = pytest.mark.cluster
 SHAPE = (16, 64, 64)
@@ -110,11 +110,16 @@ def test_checkpoint_a_then_b_then_a_leaves_a_and_says_a(
     b = solo(client, raw_url, other_checkpoint, tmp_path, "b")
     assert not np.array_equal(a, b)
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
-    for ckpt in (tiny_checkpoint, other_checkpoint, tiny_checkpoint):
+    for ckpt in (tiny_checkpoint, other_checkpoint):
         run = segment(config(raw_url, out, ckpt), client=client, progress=False).run
-        assert run.completed == run.total  # each switch recomputes every block
-    assert np.array_equal(read_all(out), a)
-    provenance = open_volume(out).provenance
+        assert run.completed == run.total  # a new network writes a new version of every block
+    assert np.array_equal(read_all(str(resolve_version(out))), b)  # readers see B once it is complete
+    assert np.array_equal(read_all(out), a)  # A's version stays, whole, beside it
+    back = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).run
+    assert (back.completed, back.unchanged) == (0, back.total)  # A's complete version is found again, not redone
+    current = str(resolve_version(out))
+    assert current == out and np.array_equal(read_all(current), a)
+    provenance = open_volume(current).provenance
     assert provenance["checkpoint"] == str(tiny_checkpoint) and provenance["complete"] is True
     assert (
         provenance["checkpoint_hash"]
@@ -150,13 +155,12 @@ def test_a_precision_change_recomputes_and_is_recorded(client, raw_url, tiny_che
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
     first = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).run
     half = segment(config(raw_url, out, tiny_checkpoint, precision="bfloat16"), client=client, progress=False)
-    assert half.run.completed == first.total and open_volume(out).provenance["precision"] == "bfloat16"
-    assert not np.array_equal(read_all(out), solo(client, raw_url, tiny_checkpoint, tmp_path, "full"))
-    back = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).run
-    assert (
-        back.completed == first.total
-        and half.job_key != segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).job_key
-    )
+    current = str(resolve_version(out))
+    assert half.run.completed == first.total and open_volume(current).provenance["precision"] == "bfloat16"
+    assert not np.array_equal(read_all(current), solo(client, raw_url, tiny_checkpoint, tmp_path, "full"))
+    back = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False)
+    assert half.job_key != back.job_key and back.run.unchanged == first.total  # float32's version is still whole
+    assert open_volume(str(resolve_version(out))).provenance["precision"] == "auto"
 
 
 def test_a_recreated_output_is_never_written_through_stale_worker_caches(
@@ -270,3 +274,32 @@ def test_every_setting_that_changes_the_bytes_changes_the_job_key(
     assert prepare(config(raw_url, out, tiny_checkpoint, output_dtype="float32", overwrite=True)).job.key not in (
         keys.values()
     )
+
+
+def test_a_new_network_writes_a_version_beside_the_last_and_switches_when_complete(
+    client, raw_url, tiny_checkpoint, other_checkpoint, tmp_path
+) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.faults import FailWrites
+
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    assert segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).run.ok
+    a = read_all(out)
+    fault = FailWrites([(8, 32, 32)], str(tmp_path / "markers"), always=True)
+    client.register_plugin(fault)
+    try:
+        failed = segment(config(raw_url, out, other_checkpoint, retries=0), client=client, progress=False)
+    finally:
+        client.unregister_worker_plugin(fault.name)
+    assert len(failed.run.failures) == 1
+    assert str(resolve_version(out)) == out and np.array_equal(read_all(out), a)  # readers still see A, whole
+    finished = segment(config(raw_url, out, other_checkpoint), client=client, progress=False)
+    assert finished.run.completed == 1  # the new version resumes: only its failed block is computed
+    current = str(resolve_version(out))
+    assert current == finished.outputs[0] != out
+    assert np.array_equal(read_all(current), solo(client, raw_url, other_checkpoint, tmp_path, "b"))
+    assert np.array_equal(read_all(out), a)  # the earlier version stays until pruned
+    listing = CliRunner().invoke(app, ["versions", "list", out]).output
+    assert "original" in listing and f"* {finished.job_key}" in listing

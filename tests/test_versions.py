@@ -20,9 +20,14 @@ from pipeline.versions import (
     target_for,
     version_location,
 )
-from pipeline.volumes import VolumeMeta, create_volume, open_volume, parse_volume_url
+from pipeline.volumes import VolumeMeta, create_volume, open_volume, parse_volume_url, resolve_version
 
 META = VolumeMeta(shape=(4, 8, 8), dtype=np.dtype("uint8"), chunks=(4, 8, 8))
+
+
+def current(url: str):
+    """The output at `url` as readers see it: its current version."""
+    return open_volume(resolve_version(url))
 
 
 def _write(location: str, value: int, key: str, created: float, complete: bool = True) -> None:
@@ -43,17 +48,17 @@ def test_unversioned_output_reads_itself(output):
     url, location = output
     assert current_location(location) == location
     assert [v.name for v in list_versions(url)] == [ORIGINAL]
-    assert open_volume(url).read(META.roi).max() == 1
+    assert current(url).read(META.roi).max() == 1
 
 
 def test_readers_see_the_old_version_until_the_pointer_switches(output):
     url, location = output
     assert target_for(url, "keyB") is None  # a changed job gets a new version beside the original
     _write(version_location(location, "keyB"), 2, "keyB", 2.0, complete=False)
-    assert open_volume(url).read(META.roi).max() == 1  # still the original, whole
+    assert current(url).read(META.roi).max() == 1  # still the original, whole
     switch(location, "keyB")
-    assert open_volume(url).read(META.roi).max() == 2
-    assert open_volume(url, resolve=False).read(META.roi).max() == 1  # the original is untouched
+    assert current(url).read(META.roi).max() == 2
+    assert open_volume(url).read(META.roi).max() == 1  # the original is untouched
     pointer = json.loads(Path(pointer_location(location).removeprefix("file://")).read_text())
     assert pointer["version"] == "keyB"
 
@@ -82,7 +87,7 @@ def test_prune_keeps_current_original_and_unfinished(output):
     deleted = prune(url, keep=1)
     assert sorted(v.name for v in deleted) == ["k2", "k4"]
     assert sorted(v.name for v in list_versions(url)) == sorted([ORIGINAL, "k3", "k5"])
-    assert open_volume(url).read(META.roi).max() == 3
+    assert current(url).read(META.roi).max() == 3
 
 
 @pytest.mark.parametrize(
@@ -103,7 +108,7 @@ def test_a_damaged_pointer_is_an_error_not_the_original(output):
     switch(location, ORIGINAL)
     Path(path).write_text("{trunc")
     with pytest.raises(StorageError, match="version pointer"):
-        open_volume(url)
+        current(url)
 
 
 def test_cli_lists_switches_and_prunes(output):
@@ -117,4 +122,4 @@ def test_cli_lists_switches_and_prunes(output):
     listing = runner.invoke(app, ["versions", "list", url]).output
     assert "* keyB" in listing and "original" in listing
     assert runner.invoke(app, ["versions", "switch", url, "nope"]).exit_code != 0
-    assert open_volume(url).read(META.roi).max() == 2
+    assert current(url).read(META.roi).max() == 2

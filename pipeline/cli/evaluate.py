@@ -49,7 +49,9 @@ def evaluate(
     from pipeline.evaluation import evaluate_all
     from pipeline.geometry import parse_roi
     from pipeline.storage import redact
+    from pipeline.volumes import resolve_version
 
+    prediction, truth = (str(resolve_version(url)) for url in (prediction, truth))  # current versions
     scores = evaluate_all(prediction, truth, threshold, kind.value, parse_roi(roi) if roi else None, ignore_label)
     if as_json:
         typer.echo(json.dumps(scores))

@@ -49,6 +49,7 @@ def instances(
     from pipeline.config import load_config
     from pipeline.instances.run import prepare_instances, run_instances
     from pipeline.viewing import view_command
+    from pipeline.volumes import resolve_version
 
     with summarised(summary_json, "instances", input) as summary:
         overrides = {
@@ -62,6 +63,8 @@ def instances(
             "resume": False if no_resume else None,
         }
         cfg = load_config(InstancesConfig, config, overrides)
+        if cfg.input:  # a reprocessed probability output is read at its current version
+            cfg = cfg.model_copy(update={"input": str(resolve_version(cfg.input))})
         summary.input = cfg.input
         job = prepare_instances(cfg)  # every check before the cluster starts
         with dask_client(cfg.cluster) as client:

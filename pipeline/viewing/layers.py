@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.errors import StorageError
 from pipeline.viewing.meshes import ZARR_COMPANION
 from pipeline.viewing.state import Layer
-from pipeline.volumes import VolumeURL, open_volume, parse_volume_url
+from pipeline.volumes import VolumeURL, open_volume, parse_volume_url, resolve_version
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
 from pipeline.volumes.zarr_volume import ZarrVolume
 
@@ -90,7 +90,7 @@ def open_layers(urls: list[str]) -> list[Layer]:
     layers: list[Layer] = []
     taken: set[str] = set()
     for text in urls:
-        url = parse_volume_url(text)
+        url = resolve_version(parse_volume_url(text))  # a reprocessed output shows its current version
         if url.is_local:
             _check_local(url, text)
         try:

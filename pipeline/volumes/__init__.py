@@ -30,24 +30,23 @@ def _backend(url: VolumeURL) -> Any:
     return ZarrVolume
 
 
-def open_volume(url: str | VolumeURL, mode: str = "r", scale: int = 0, resolve: bool = True) -> Volume:
-    """Open an existing volume for reading (`mode="r"`) or reading and writing (`mode="r+"`).
+def open_volume(url: str | VolumeURL, mode: str = "r", scale: int = 0) -> Volume:
+    """Open the existing volume stored at `url` for reading (`mode="r"`) or reading and writing (`mode="r+"`).
 
-    With `resolve`, a versioned output opens at its current version (`pipeline.versions`); writers that
-    address one version pass `resolve=False`.
+    It opens exactly that location; a reader that should see a reprocessed output's current version asks
+    `resolve_version` first (`view`, `evaluate` and `instances` do for the URLs a user gives).
     """
     parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
-    if resolve:
-        parsed = resolve_version(parsed)
     return _backend(parsed).open(parsed, mode=mode, scale=scale)
 
 
-def resolve_version(url: VolumeURL) -> VolumeURL:
-    """`url` at the current version of the output stored there (itself when it was never versioned)."""
+def resolve_version(url: str | VolumeURL) -> VolumeURL:
+    """`url` at the current version of the output stored there (`pipeline.versions`; itself when unversioned)."""
     from pipeline.versions import current_location
 
-    location = current_location(url.location)
-    return url if location == url.location else replace(url, location=location)
+    parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
+    location = current_location(parsed.location)
+    return parsed if location == parsed.location else replace(parsed, location=location)
 
 
 def create_volume(url: str | VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> Volume:
