@@ -252,8 +252,11 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
     }
     for volume, output_id in zip(volumes, output_ids, strict=True):
-        made = volume.provenance.get("created_at") or time.time()
-        volume.set_provenance({**record, "output_id": output_id, "precision": config.precision, "created_at": made})
+        kept = {k: volume.provenance[k] for k in ("created_at", "content_id") if k in volume.provenance}
+        made = kept.pop("created_at", None) or time.time()
+        volume.set_provenance(
+            {**record, **kept, "output_id": output_id, "precision": config.precision, "created_at": made}
+        )
     return SegmentRun(config, plan, job, done, list(job.output_urls), net.content_hash, outputs)
 
 
@@ -393,7 +396,9 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
     if result.run.ok:
         for url in result.outputs:
             volume = open_volume(url, mode="r+")
-            volume.set_provenance({**volume.provenance, "complete": True})
+            # a new content id whenever a block was rewritten: what a later stage (instances) keys its job on
+            content = volume.provenance.get("content_id") if result.run.completed == 0 else None
+            volume.set_provenance({**volume.provenance, "complete": True, "content_id": content or new_output_id()})
     if run.config.pyramid and result.run.ok:
         from pipeline.viewing.pyramid import add_pyramid, pyramid_is_current
 

@@ -439,7 +439,7 @@ def test_resume_skips_done_blocks_and_gives_the_same_labels(client, tmp_path):
     settings = {"decode": {"min_size": 0}, "keep_scratch": True}
     first, result = run(client, tmp_path, source, (8, 12, 16), name="seg", **settings)
     again, resumed = run(client, tmp_path, source, (8, 12, 16), name="seg", **settings)
-    assert all(r.skipped == r.total and r.completed == 0 for r in resumed.passes)
+    assert all(r.unchanged == r.total and r.completed == 0 for r in resumed.passes)  # a finished job: no stage runs
     assert np.array_equal(first, again)
     fresh, rerun = run(client, tmp_path, source, (8, 12, 16), name="seg", resume=False, decode={"min_size": 0})
     assert all(r.completed == r.total for r in rerun.passes)

@@ -303,3 +303,30 @@ def test_a_new_network_writes_a_version_beside_the_last_and_switches_when_comple
     assert np.array_equal(read_all(out), a)  # the earlier version stays until pruned
     listing = CliRunner().invoke(app, ["versions", "list", out]).output
     assert "original" in listing and f"* {finished.job_key}" in listing
+
+
+def test_an_unchanged_rerun_with_instances_runs_no_stage_and_a_changed_input_redoes_them(
+    client, raw_url, tiny_checkpoint, tmp_path
+) -> None:
+    from pipeline.config.instances import InstancesConfig
+
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    labels = f"zarr://file://{tmp_path}/instances.zarr"
+    table = tmp_path / "objects.csv"
+    follow = InstancesConfig(output=labels, table=str(table), decode={"min_size": 0, "seed_threshold": 0.0})
+    cfg = config(raw_url, out, tiny_checkpoint, instances=follow)
+    first = segment(cfg, client=client, progress=False)
+    assert first.extra["instances"].ok and first.extra["instances"].relabel.completed > 0
+    written = sorted(p.stat().st_mtime_ns for p in (tmp_path / "instances.zarr").rglob("*") if p.is_file())
+    again = segment(cfg, client=client, progress=False)
+    instances = again.extra["instances"]
+    assert again.run.completed == 0 and instances.ok
+    assert [(r.completed, r.unchanged) for r in instances.passes] == [(0, instances.decode.total)] * 3
+    assert instances.num_objects == first.extra["instances"].num_objects and instances.pyramid is None
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "instances.zarr").rglob("*") if p.is_file()) == written
+    source = open_volume(raw_url, mode="r+")
+    corner = Roi((0, 0, 0), (8, 16, 16))
+    source.write(corner, (255 - source.read(corner)).astype(np.uint8))
+    changed = segment(cfg, client=client, progress=False)
+    assert changed.run.completed > 0
+    assert changed.extra["instances"].relabel.completed == changed.extra["instances"].decode.total  # labels redone

@@ -38,7 +38,7 @@ from pipeline.instances.merge import Merged, block_tables, merge_objects
 from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
 from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key, state_location
-from pipeline.storage import configure, redact
+from pipeline.storage import configure, filesystem, redact
 from pipeline.viewing.meshes import MeshResult, add_meshes
 from pipeline.viewing.pyramid import PyramidResult, add_pyramid
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
@@ -236,7 +236,9 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     if config.resume:
         _existing(str(output), label_meta(meta, config.dtype))
     job = InstancesJob(config, meta, str(source.url), str(output), decode, region, block_shape, plan, "", "")
-    key = job_key(stage="instances", chunks=meta.chunks, **job.record())
+    # the input's content id changes whenever segment rewrites any of its blocks: new probabilities, new labels
+    content = source.provenance.get("content_id")
+    key = job_key(stage="instances", chunks=meta.chunks, input_content=content, dtype=config.dtype, **job.record())
     return replace(job, key=key, state=f"{state_location(output.location)}/instances/{key}")
 
 
@@ -257,7 +259,30 @@ def run_instances(
     return result
 
 
+def _unchanged(job: InstancesJob) -> InstancesResult | None:
+    """The result of an unchanged re-run, when the output is complete for this very job (same key, same input
+    content) and its table exists: nothing to decode, match, relabel, mesh or tabulate again."""
+    if not job.config.resume:
+        return None
+    existing = _existing(job.output_url, label_meta(job.meta, job.config.dtype))
+    if existing is None or existing.provenance.get("job_key") != job.key:
+        return None
+    table = job.config.table
+    if table:
+        fs, path = filesystem(table)
+        if not fs.exists(path):
+            return None
+    total = job.plan.num_blocks
+    decode, match, relabel = (RunResult(total=total, unchanged=total) for _ in range(3))
+    log.info("instances: nothing changed since %s was written (same job, same input): no stage ran", job.output_url)
+    objects = int(existing.provenance.get("objects", 0))
+    return InstancesResult(job.output_url, decode, match, relabel, num_objects=objects, table=table or None)
+
+
 def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesResult:
+    unchanged = _unchanged(job)
+    if unchanged is not None:
+        return unchanged
     cfg, plan, meta, state = job.config, job.plan, job.meta, job.state
     output_location = parse_volume_url(job.output_url).location
     scratch_url = f"zarr://{state}/provisional"
@@ -293,6 +318,8 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
 
     clock = time.perf_counter()
     target, reused = _open_or_create(job.output_url, label_meta(meta, cfg.dtype), resume)
+    # from the first label written until the last stage ends, the output is no longer any job's finished result
+    target.set_provenance({k: v for k, v in target.provenance.items() if k != "job_key"})
     task = RelabelTask(spec, job.output_url, cfg.dtype)
     result.relabel = _run_pass(client, plan, task, markers["relabel"], resume and reused, "relabel", progress)
     result.seconds["relabel"] = time.perf_counter() - clock
@@ -306,6 +333,9 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
     if cfg.viewing:
         result.pyramid = add_pyramid(client, job.output_url, progress=progress)
         result.meshes = add_meshes(client, job.output_url, progress=progress)
+    if result.ok:  # every stage finished: an unchanged re-run of this job does nothing (`_unchanged`)
+        final = open_volume(job.output_url, mode="r+")  # afresh: the viewing stages added scales to its metadata
+        final.set_provenance({**final.provenance, "job_key": job.key})
     if not cfg.keep_scratch and result.ok:  # after a failed viewing stage a re-run reuses decode, match, relabel
         _remove_state(state, list(markers.values()))
     return result
