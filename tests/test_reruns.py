@@ -330,3 +330,21 @@ def test_an_unchanged_rerun_with_instances_runs_no_stage_and_a_changed_input_red
     changed = segment(cfg, client=client, progress=False)
     assert changed.run.completed > 0
     assert changed.extra["instances"].relabel.completed == changed.extra["instances"].decode.total  # labels redone
+
+
+def test_labels_of_a_new_network_are_a_new_version_of_the_instances_output(
+    client, raw_url, tiny_checkpoint, other_checkpoint, tmp_path
+) -> None:
+    from pipeline.config.instances import InstancesConfig
+
+    labels = f"zarr://file://{tmp_path}/instances.zarr"
+    follow = InstancesConfig(output=labels, decode={"min_size": 0, "seed_threshold": 0.0})
+    out = f"zarr://file://{tmp_path}/p.zarr/probs"
+    first = segment(config(raw_url, out, tiny_checkpoint, instances=follow), client=client, progress=False)
+    a = read_all(labels)
+    second = segment(config(raw_url, out, other_checkpoint, instances=follow), client=client, progress=False)
+    assert second.extra["instances"].ok and second.extra["instances"].output != labels
+    current = str(resolve_version(labels))
+    assert current == second.extra["instances"].output
+    assert np.array_equal(read_all(labels), a)  # the first network's labels stay whole beside the new ones
+    assert open_volume(current).provenance["complete"] is True and first.extra["instances"].output == labels

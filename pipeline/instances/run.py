@@ -39,9 +39,18 @@ from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTas
 from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key, state_location
 from pipeline.storage import configure, filesystem, redact
+from pipeline.versions import ORIGINAL, current_location, switch, target_for, version_location
 from pipeline.viewing.meshes import MeshResult, add_meshes
 from pipeline.viewing.pyramid import PyramidResult, add_pyramid
-from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url
+from pipeline.volumes import (
+    Volume,
+    VolumeMeta,
+    VolumeURL,
+    create_volume,
+    open_volume,
+    parse_volume_url,
+    resolve_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +217,8 @@ class InstancesJob:
     key: str
     state: str
     """Location of the job's scratch labels and per-block files (beside the output)."""
+    named_output: str = ""
+    """The output as the job names it: `output_url` is the version of it this job writes (`pipeline.versions`)."""
 
     def record(self) -> dict[str, Any]:
         """What defines the job's labels, for keys and provenance."""
@@ -233,13 +244,26 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region)
     check_id_space(plan.num_blocks, id_stride(block_shape))
     output = parse_volume_url(config.output)
-    if config.resume:
-        _existing(str(output), label_meta(meta, config.dtype))
     job = InstancesJob(config, meta, str(source.url), str(output), decode, region, block_shape, plan, "", "")
     # the input's content id changes whenever segment rewrites any of its blocks: new probabilities, new labels
     content = source.provenance.get("content_id")
     key = job_key(stage="instances", chunks=meta.chunks, input_content=content, dtype=config.dtype, **job.record())
-    return replace(job, key=key, state=f"{state_location(output.location)}/instances/{key}")
+    target = _version_for(output, key, label_meta(meta, config.dtype)) if config.resume else output
+    state = f"{state_location(target.location)}/instances/{key}"
+    return replace(job, output_url=str(target), key=key, state=state, named_output=str(output))
+
+
+def _version_for(output: VolumeURL, key: str, meta: VolumeMeta) -> VolumeURL:
+    """The version of `output` job `key` writes: the current one when it is this job's (or there is none yet),
+    an earlier version of this job, or a new version beside the others; never another job's labels in place."""
+    current = resolve_version(output)
+    existing = _existing(str(current), meta)
+    if existing is None or existing.provenance.get("job_key") == key:
+        return current
+    found = target_for(str(output), key)
+    location = found.location if found is not None else version_location(output.location, key)
+    log.info("instances: %s holds another job's labels; this job writes version %s beside them", output, key)
+    return replace(output, location=location)
 
 
 def run_instances(
@@ -251,7 +275,7 @@ def run_instances(
     from pipeline.lease import Lease
 
     job = config if isinstance(config, InstancesJob) else prepare_instances(config)
-    with Lease(parse_volume_url(job.output_url).location, force=force) as lease:
+    with Lease(parse_volume_url(job.named_output or job.output_url).location, force=force) as lease:
         result = _run_instances(job, client, progress)
     lost = lease.failure()
     if lost is not None:
@@ -265,7 +289,11 @@ def _unchanged(job: InstancesJob) -> InstancesResult | None:
     if not job.config.resume:
         return None
     existing = _existing(job.output_url, label_meta(job.meta, job.config.dtype))
-    if existing is None or existing.provenance.get("job_key") != job.key:
+    if (
+        existing is None
+        or existing.provenance.get("job_key") != job.key
+        or existing.provenance.get("complete") is not True
+    ):
         return None
     table = job.config.table
     if table:
@@ -318,15 +346,16 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
 
     clock = time.perf_counter()
     target, reused = _open_or_create(job.output_url, label_meta(meta, cfg.dtype), resume)
-    # from the first label written until the last stage ends, the output is no longer any job's finished result
-    target.set_provenance({k: v for k, v in target.provenance.items() if k != "job_key"})
+    # from the first label written until the last stage ends, the output is this job's and incomplete
+    target.set_provenance({**target.provenance, "job_key": job.key, "complete": False})
     task = RelabelTask(spec, job.output_url, cfg.dtype)
     result.relabel = _run_pass(client, plan, task, markers["relabel"], resume and reused, "relabel", progress)
     result.seconds["relabel"] = time.perf_counter() - clock
     if not result.relabel.ok:
         return result
 
-    target.set_provenance({"stage": "instances", **job.record(), "objects": result.num_objects})
+    labelled = {"stage": "instances", **job.record(), "objects": result.num_objects}
+    target.set_provenance({**labelled, "job_key": job.key, "complete": False})
     if cfg.table:
         write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), cfg.table)
         result.table = cfg.table
@@ -335,10 +364,21 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
         result.meshes = add_meshes(client, job.output_url, progress=progress)
     if result.ok:  # every stage finished: an unchanged re-run of this job does nothing (`_unchanged`)
         final = open_volume(job.output_url, mode="r+")  # afresh: the viewing stages added scales to its metadata
-        final.set_provenance({**final.provenance, "job_key": job.key})
+        final.set_provenance({**final.provenance, "complete": True})
+        _show_version(job)
     if not cfg.keep_scratch and result.ok:  # after a failed viewing stage a re-run reuses decode, match, relabel
         _remove_state(state, list(markers.values()))
     return result
+
+
+def _show_version(job: InstancesJob) -> None:
+    """Switch the output the job names to the version it completed, when that is not current already."""
+    named = parse_volume_url(job.named_output or job.output_url).location
+    target = parse_volume_url(job.output_url).location
+    if current_location(named) != target:
+        name = ORIGINAL if target == named else target.rsplit("/", 1)[-1]
+        switch(named, name)
+        log.info("instances: %s now shows version %s (mitoseg versions list)", job.named_output, name)
 
 
 def _merge(
