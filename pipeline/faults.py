@@ -57,29 +57,51 @@ class _Fault(WorkerPlugin):
         return sum(name.startswith(f"{self.kind}-") for name in os.listdir(self.marker_dir))
 
 
+PREDICT = "workers.predict_block:predict_block"
+"""Segment's per-block function; other stages' are callables such as `pipeline.viewing.pyramid:DownsampleBlock`."""
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    """The object holding the attribute `target` names (`module:function` or `module:Class`) and its name; a class
+    is patched at `__call__`, the per-block method of the stages' task objects."""
+    import importlib
+
+    module_name, _, name = target.partition(":")
+    owner = importlib.import_module(module_name)
+    found = getattr(owner, name)
+    if isinstance(found, type):
+        return found, "__call__"
+    return owner, name
+
+
 class KillWorkerAtBlock(_Fault):
-    """SIGKILLs the worker process when it starts one of the chosen blocks of a segment run."""
+    """SIGKILLs the worker process when it starts one of the chosen blocks of a stage (`target`, segment's blocks
+    by default)."""
 
     kind = "kill"
 
-    def setup(self, worker: Any) -> None:
-        import workers.predict_block as module
+    def __init__(self, offsets: Iterable[Offset], marker_dir: str, always: bool = False, target: str = PREDICT):
+        super().__init__(offsets, marker_dir, always)
+        self.target = target
+        self.name = f"{self.name}-{target.rsplit(':', 1)[-1]}"
 
-        original: Callable[..., Any] = getattr(module.predict_block, "__wrapped__", module.predict_block)
+    def setup(self, worker: Any) -> None:
+        owner, attribute = _resolve(self.target)
+        original: Callable[..., Any] = getattr(getattr(owner, attribute), "__wrapped__", getattr(owner, attribute))
         fault = self
 
-        def predict_block(block: Any, *args: Any, **kwargs: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            block = next(a for a in args if hasattr(a, "write_roi"))
             if fault.fires(block.write_roi.offset):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(block, *args, **kwargs)
+            return original(*args, **kwargs)
 
-        predict_block.__wrapped__ = original  # type: ignore[attr-defined]
-        module.predict_block = predict_block  # tasks pickle it by reference, so they find this one
+        run.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(owner, attribute, run)  # tasks pickle functions and classes by reference, so they find this one
 
     def teardown(self, worker: Any) -> None:
-        import workers.predict_block as module
-
-        module.predict_block = getattr(module.predict_block, "__wrapped__", module.predict_block)
+        owner, attribute = _resolve(self.target)
+        setattr(owner, attribute, getattr(getattr(owner, attribute), "__wrapped__", getattr(owner, attribute)))
 
 
 class FailWrites(_Fault):

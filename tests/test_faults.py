@@ -44,7 +44,7 @@ def raw_url(tmp_path_factory) -> str:
     return write_raw(f"zarr://file://{tmp_path_factory.mktemp('raw')}/em.zarr/raw", em_like(SHAPE, seed=3))
 
 
-def job(raw_url: str, out: str, ckpt: Path, **kw) -> SegmentConfig:
+def job(raw_url: str, out: str, ckpt: Path | str, **kw) -> SegmentConfig:
     base = dict(input=raw_url, output=[out], checkpoint=ckpt, block_size=BLOCK, chunk_size=BLOCK, pyramid=False)
     return SegmentConfig(**{**base, **kw})
 
@@ -156,3 +156,63 @@ def test_the_whole_run_killed_and_restarted_loses_nothing(raw_url, tiny_checkpoi
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert np.array_equal(read_all(f"zarr://file://{out_path}"), reference)
     assert open_volume(f"zarr://file://{out_path}").provenance["complete"] is True
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every data file under `path` (chunks of every scale, meshes, segment properties), by relative path: not
+    the run state, nor the zarr metadata that holds each run's own provenance (ids, times)."""
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and ".mitoseg" not in str(p.relative_to(path)) and p.name != "zarr.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def tissue_url(tmp_path_factory) -> str:
+    """A synthetic EM volume with mitochondria at the demo network's voxel size, so that every stage has objects."""
+    from pipeline.synthetic import generate_volume
+    from pipeline.volumes import VolumeMeta, create_volume
+
+    raw, _ = generate_volume(SHAPE, seed=5)
+    meta = VolumeMeta(shape=SHAPE, dtype=raw.dtype, chunks=BLOCK, voxel_size_nm=(5.0, 5.0, 5.0))
+    url = f"zarr://file://{tmp_path_factory.mktemp('tissue')}/em.zarr/raw"
+    create_volume(url, meta).write(meta.roi, raw[None])
+    return url
+
+
+def full_job(raw_url: str, root: Path) -> SegmentConfig:
+    """Every stage: probabilities and their pyramid, instances with their pyramid and meshes (the demo network)."""
+    from pipeline.config.instances import InstancesConfig
+
+    follow = InstancesConfig(output=f"zarr://file://{root}/labels.zarr")
+    return job(raw_url, f"zarr://file://{root}/p.zarr", "demo", pyramid=True, instances=follow)
+
+
+@pytest.fixture(scope="module")
+def full_reference(processes, tissue_url, tmp_path_factory) -> Path:
+    """An uninterrupted run of every stage."""
+    root = tmp_path_factory.mktemp("full")
+    config = full_job(tissue_url, root)
+    result = segment(config, client=processes, progress=False)
+    assert not result.failures and result.extra["instances"].meshes is not None
+    files = _tree(root / "labels.zarr")
+    assert any("mesh" in name for name in files) and any(name.startswith("s1/") for name in files)
+    return root
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "pipeline.viewing.pyramid:DownsampleBlock",
+        "pipeline.instances.tasks:RelabelTask",
+        "pipeline.viewing.meshes:MeshBlock",
+    ],
+)
+def test_a_worker_killed_in_a_later_stage_loses_nothing(processes, tissue_url, full_reference, tmp_path, stage):
+    config = full_job(tissue_url, tmp_path)
+    fault = KillWorkerAtBlock([(0, 0, 0)], str(tmp_path / "markers"), target=stage)
+    result = run_with(processes, fault, config)
+    assert fault.count() == 1 and not result.failures
+    for name in ("p.zarr", "labels.zarr"):
+        assert _tree(tmp_path / name) == _tree(full_reference / name), f"{name} differs after a kill in {stage}"
