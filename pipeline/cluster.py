@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,18 +50,52 @@ def dask_client(cluster: ClusterConfig | None = None, gpus: int = 0) -> Iterator
 
     Waits for the cluster's `min_workers` (batch jobs may queue) and closes what it started on exit. Local
     workers run one thread each (cloud-volume and torch do better in processes than in threads) and each gets its
-    share of the machine's cores for torch; with `gpus` they advertise a `GPU` resource.
+    share of the machine's cores for torch; with `gpus` they advertise a `GPU` resource. Every worker, also one
+    that joins later, gets this process's S3 endpoint (workers.storage_plugin).
     """
+    from workers.storage_plugin import share_storage
+
     cluster = cluster or LocalClusterConfig()
-    if isinstance(cluster, LocalClusterConfig):
-        with _local_client(cluster, gpus) as client:
-            yield client
-    elif isinstance(cluster, BatchClusterConfig):
-        with _batch_client(cluster) as client:
-            yield client
-    else:
-        with _existing_client(cluster) as client:
-            yield client
+    with terminate_raises():
+        if isinstance(cluster, LocalClusterConfig):
+            with _local_client(cluster, gpus) as client:
+                share_storage(client)
+                yield client
+        elif isinstance(cluster, BatchClusterConfig):
+            with _batch_client(cluster) as client:
+                share_storage(client)
+                yield client
+        else:
+            with _existing_client(cluster) as client:
+                share_storage(client)
+                yield client
+
+
+@contextmanager
+def terminate_raises() -> Iterator[None]:
+    """While the body runs, SIGTERM raises SystemExit(143) instead of ending the process at once.
+
+    A batch system sends SIGTERM when it cancels the client's job or its walltime nears (deploy/slurm/
+    segment.sbatch); raising lets the clusters' exits run, so worker jobs are cancelled rather than left queued
+    or idle until their own walltime. A second SIGTERM acts as before. Only the main thread can set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # a handler not set from Python: put the default back
+        previous = signal.SIG_DFL
+
+    def _raise(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        log.warning("SIGTERM: closing the Dask cluster and stopping")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for_workers(client: Any, cluster: ClusterConfig) -> None:
@@ -167,6 +203,7 @@ def batch_job_options(cluster: BatchClusterConfig) -> dict[str, Any]:
         "interface": cluster.interface,
         "log_directory": cluster.log_directory,
         "name": "mitoseg",
+        "job_name": "mitoseg-worker",  # what squeue and sacct show
     }
     return {key: value for key, value in options.items() if value is not None}
 

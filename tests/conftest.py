@@ -57,3 +57,41 @@ def client() -> Iterator[Any]:
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
     with cluster, Client(cluster) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[None]:
+    """A one-node SLURM cluster with job accounting on this machine (.ci/slurm-up), or a skip that says why not.
+
+    Started once per session; stopped at the end only if this session started it.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "slurm-up"
+    if os.geteuid() != 0:
+        pytest.skip("SLURM tests need root: .ci/slurm-up installs and starts munged, slurmdbd, slurmctld and slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM tests need slurm-wlm installed or apt-get to install it (.ci/slurm-up)")
+    was_running = _pid_alive(Path("/run/slurmctld.pid"))
+    try:
+        up = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip(".ci/slurm-up did not finish within 15 minutes")
+    if up.returncode != 0:
+        pytest.skip(f".ci/slurm-up failed (status {up.returncode}): {(up.stdout + up.stderr)[-1500:]}")
+    yield
+    if not was_running:
+        subprocess.run(["bash", str(script), "--stop"], capture_output=True, timeout=120)
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    """Whether the process named in `pidfile` runs."""
+    import os
+
+    try:
+        os.kill(int(pidfile.read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import dask
@@ -10,7 +11,14 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.cli.segment import ClusterKind, cluster_overrides
-from pipeline.cluster import batch_job_options, dask_client, restored_environ, walltime_seconds, worker_environment
+from pipeline.cluster import (
+    batch_job_options,
+    dask_client,
+    restored_environ,
+    terminate_raises,
+    walltime_seconds,
+    worker_environment,
+)
 from pipeline.config import load_config
 from pipeline.config.cluster import AddressClusterConfig, BatchClusterConfig, LocalClusterConfig
 from pipeline.config.segment import SegmentConfig
@@ -131,6 +139,7 @@ def test_batch_workers_retire_before_the_walltime_with_mitoseg_environment() -> 
     assert prologue[0] == "module load cuda"
     assert {"export OMP_NUM_THREADS=4", "export MITOSEG_TORCH_THREADS=4", "export MALLOC_MMAP_MAX_=0"} <= set(prologue)
     assert "queue" not in options  # unset fields are left to the site's defaults
+    assert options["job_name"] == "mitoseg-worker"  # what squeue and sacct show
 
 
 @pytest.mark.cluster
@@ -142,3 +151,26 @@ def test_too_few_workers_is_a_clear_error_naming_the_cluster() -> None:
         message = r"only 1 of 2 Dask worker\(s\) joined within 1 s \(address cluster\)"
         with pytest.raises(ConfigError, match=message), dask_client(address):
             pass
+
+
+def test_sigterm_in_a_cluster_raises_system_exit_so_that_the_cluster_closes() -> None:
+    """A batch system's SIGTERM (scancel, walltime) unwinds the client, running the clusters' exits; after the
+    block, SIGTERM is handled as before (here by a recording handler, so a failure cannot end the test run)."""
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        closed = []
+        with pytest.raises(SystemExit) as stop, terminate_raises():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                closed.append(True)
+        assert stop.value.code == 143 and closed == [True] and not received
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.config.storage import StorageConfig
+
 
 class _Cluster(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -92,6 +94,9 @@ class ClusterJob(BaseModel):
         default_factory=LocalClusterConfig,
         description="Where the Dask workers run (kind: local, slurm, pbs, lsf, address, scheduler_file). "
         "`workers: N` is short for a local cluster of N workers, `scheduler: ADDRESS` for an address cluster.",
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="How object storage is reached (the S3 endpoint; no credentials)."
     )
 
     @model_validator(mode="before")

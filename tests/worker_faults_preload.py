@@ -1,0 +1,40 @@
+"""Dask worker preload for tests/test_slurm.py: slow blocks, or blocks whose writes fail, in worker jobs.
+
+Worker jobs (and local workers) load it through the environment they inherit:
+DASK_DISTRIBUTED__WORKER__PRELOAD='["<this file>"]', and then read
+- MITOSEG_TEST_BLOCK_DELAY_S: every block first waits this many seconds. It stretches a run in wall time, not in
+  CPU time, so that worker jobs end (cancelled, or at their walltime) while blocks are in flight;
+- MITOSEG_TEST_FAIL_WRITES=Z,Y,X and MITOSEG_TEST_FAULT_DIR: writes of the block at that offset always fail
+  (pipeline.faults.FailWrites), so the run ends with a failed block.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def dask_setup(worker: Any) -> None:
+    """Install the faults the environment asks for."""
+    if "MITOSEG_TEST_BLOCK_DELAY_S" in os.environ:
+        _delay_blocks(float(os.environ["MITOSEG_TEST_BLOCK_DELAY_S"]))
+    if "MITOSEG_TEST_FAIL_WRITES" in os.environ:
+        from pipeline.faults import FailWrites
+
+        z, y, x = (int(v) for v in os.environ["MITOSEG_TEST_FAIL_WRITES"].split(","))
+        FailWrites([(z, y, x)], os.environ["MITOSEG_TEST_FAULT_DIR"], always=True).setup(worker)
+
+
+def _delay_blocks(seconds: float) -> None:
+    """Wrap the block function; tasks refer to it by module and name, so they run the wrapper."""
+    import workers.predict_block as module
+
+    original = getattr(module.predict_block, "__wrapped__", module.predict_block)
+
+    def predict_block(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    predict_block.__wrapped__ = original  # type: ignore[attr-defined]
+    module.predict_block = predict_block
