@@ -252,10 +252,15 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         "complete": False,  # set when every block of the run is written (evaluate refuses a partial prediction)
     }
     for volume, output_id in zip(volumes, output_ids, strict=True):
-        kept = {k: volume.provenance[k] for k in ("created_at", "content_id") if k in volume.provenance}
-        made = kept.pop("created_at", None) or time.time()
+        earlier = volume.provenance  # a version keeps when it was made and the id of what it holds
         volume.set_provenance(
-            {**record, **kept, "output_id": output_id, "precision": config.precision, "created_at": made}
+            {
+                **record,
+                "output_id": output_id,
+                "precision": config.precision,
+                "created_at": earlier.get("created_at") or time.time(),
+                "content_id": earlier.get("content_id"),
+            }
         )
     return SegmentRun(config, plan, job, done, list(job.output_urls), net.content_hash, outputs)
 
