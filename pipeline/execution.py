@@ -1,9 +1,10 @@
 """Running a block plan on Dask: bounded submission, retries, done-records, progress and a summary.
 
-Blocks go to the cluster as independent futures, each carrying one or more adjacent blocks, at most
-`max_in_flight` at a time, never as one graph of every block. A block that fails after its retries is reported;
-every other block still runs. Done-records (`pipeline.resume`) are written by the client, in batches, for blocks
-whose task returned.
+Blocks go to the cluster as independent futures, each carrying a run of adjacent block ids (the worker makes the
+blocks from the plan), at most `max_in_flight` at a time, never as one graph of every block. A block that fails
+after its retries is reported; every other block still runs. Done-records (`pipeline.resume`) are read one range
+of ids at a time as submission reaches it, and written by the client for blocks whose task returned. The client
+does a fixed amount of work per task, not per block, so tasks of many cheap blocks schedule thousands a second.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from daisy import Block
 
 from pipeline.geometry import roi_key
 from pipeline.plan import BlockPlan
 from pipeline.progress import Progress
-from pipeline.resume import BlockRecord, BlockRecords, Recorded
+from pipeline.resume import RANGE_BITS, BlockRecord, BlockRecords, RecordBatch, Recorded, RecordRange, RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,6 @@ def dask_completions() -> Completions:
     return as_completed()
 
 
-RECORD_BATCH = 256
-"""Done-records buffered on the client before they are written as one object (also written each second)."""
-
 TASK_SECONDS = 1.0
 """With `blocks_per_task=None`, tasks carry as many adjacent blocks as take about this long (measured)."""
 
@@ -96,36 +95,77 @@ MAX_BLOCKS_PER_TASK = 1024
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What one block of a task did on the worker: its return value, or the error it raised after its retries."""
+class BlockTask:
+    """One task's blocks, by id, and what its worker needs to run and record them."""
 
-    block_id: int
-    value: Any = None
-    error: str | None = None
+    plan: BlockPlan
+    ids: np.ndarray
+    retries: int
+    previous: RecordBatch | None = None
+    """With checking on the worker: each block's earlier record (job index -1: none)."""
+    record_job: str | None = None
+    """The record a block earns when `fn` returns no `Recorded` (None: the run writes no records)."""
+    keep_results: bool = False
+
+
+@dataclass
+class TaskOutcome:
+    """What a task's blocks did: failures by block id, the records earned, counts, and kept values."""
+
+    errors: dict[int, str]
+    records: RecordBatch
+    completed: int = 0
+    unchanged: int = 0
+    voxels: int = 0
     seconds: float = 0.0
+    """Time of the blocks that returned, together (sizes later tasks)."""
+    values: dict[int, Any] = field(default_factory=dict)
 
 
-def _run_blocks(
-    fn: Callable[..., Any], blocks: list[Block], previous: list[BlockRecord | None], check: bool, retries: int
-) -> list[Outcome]:
+def _previous(task: BlockTask, row: int) -> BlockRecord | None:
+    if task.previous is None or task.previous.jobs[row] < 0:
+        return None
+    raw = task.previous.prints[row].tobytes()
+    return BlockRecord(task.previous.names[task.previous.jobs[row]], raw.hex() if any(raw) else "")
+
+
+def _run_task(fn: Callable[..., Any], task: BlockTask) -> TaskOutcome:
     """Run a task's blocks one after another on a worker, each retried on its own; one block's failure is its own.
 
     A checking task also hands each block its previous record (or None)."""
-    outcomes = []
-    for block, before in zip(blocks, previous, strict=True):
+    errors: dict[int, str] = {}
+    values: dict[int, Any] = {}
+    records: dict[int, BlockRecord] = {}
+    unchanged = voxels = 0
+    seconds = 0.0
+    for row, block_id in enumerate(task.ids.tolist()):
+        block = task.plan.block(block_id)
         clock = time.perf_counter()
-        for attempt in range(retries + 1):
+        for attempt in range(task.retries + 1):
             try:
-                value = fn(block, before) if check else fn(block)
-            except Exception as error:
-                if attempt == retries:
-                    outcomes.append(Outcome(block.block_id[1], error=error_text(error)))
-                    break
-                log.warning("block %d failed (attempt %d), retrying: %s", block.block_id[1], attempt + 1, error)
-            else:
-                outcomes.append(Outcome(block.block_id[1], value, seconds=time.perf_counter() - clock))
+                value = fn(block, _previous(task, row)) if task.previous is not None else fn(block)
                 break
-    return outcomes
+            except Exception as error:
+                if attempt == task.retries:
+                    errors[block_id] = error_text(error)
+                else:
+                    log.warning("block %d failed (attempt %d), retrying: %s", block_id, attempt + 1, error)
+        if block_id in errors:
+            continue
+        seconds += time.perf_counter() - clock
+        computed, record = True, BlockRecord(task.record_job) if task.record_job is not None else None
+        if isinstance(value, Recorded):
+            computed, record, value = not value.unchanged, value.record, value.value
+        if computed:
+            voxels += int(block.write_roi.size)
+            if record is not None and task.record_job is not None:
+                records[block_id] = record
+        else:
+            unchanged += 1
+        if task.keep_results:
+            values[block_id] = value
+    completed = len(task.ids) - len(errors) - unchanged
+    return TaskOutcome(errors, RecordBatch.of(records), completed, unchanged, voxels, seconds, values)
 
 
 @contextmanager
@@ -143,43 +183,76 @@ def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[
         yield advance
 
 
+@dataclass
+class _Span:
+    """The ids of one range still to submit, and that range's earlier records (None: none read)."""
+
+    index: int
+    ids: np.ndarray
+    earlier: RecordRange | None = None
+    at: int = 0
+    """How many of `ids` are submitted."""
+
+
 class _Records:
-    """The client's side of done-records: what earlier runs recorded, and a buffer of new records to write."""
+    """The client's side of done-records: earlier records read one range at a time, new ones written per range."""
 
-    def __init__(self, done: BlockRecords | None, resume: bool, check_on_worker: bool):
-        self.done = done
-        self.table = done.load() if done is not None and resume else None
-        self.check_on_worker = check_on_worker
-        self.done_ids = (
-            self.table.done_ids(done.key)
-            if self.table is not None and done is not None and not check_on_worker
-            else set()
-        )
-        self.unwritten: dict[int, BlockRecord] = {}
-        self.flushed = time.monotonic()
+    def __init__(self, plan: BlockPlan, done: BlockRecords | None, resume: bool, check_on_worker: bool):
+        self.plan, self.done, self.check_on_worker = plan, done, check_on_worker
+        self.bits = done.range_bits if done is not None else RANGE_BITS
+        self.stored = done.objects() if done is not None and resume else {}
+        self.writer = RecordWriter(done) if done is not None else None
+        self.open: dict[int, int] = {}
+        """Blocks submitted and not yet finished, per range."""
+        self.reached = -1
+        """The last range submission has reached: ranges before it get no new tasks."""
 
-    def previous(self, block_id: int) -> BlockRecord | None:
-        """The record a checking task gets for a block (None without one)."""
-        return self.table.get(block_id) if self.table is not None and self.check_on_worker else None
+    def spans(self, skip: Callable[[int], None]) -> Iterator[_Span]:
+        """Each range's ids to run, in order; `skip(n)` counts the blocks recorded as done under the run's key."""
+        size = 1 << self.bits
+        for index in range((self.plan.num_blocks + size - 1) >> self.bits):
+            begin = index << self.bits
+            ids = np.arange(begin, min(begin + size, self.plan.num_blocks), dtype=np.int64)
+            earlier = None
+            if self.done is not None and index in self.stored:
+                earlier = self.done.load_range(index, self.stored.pop(index))
+                if not self.check_on_worker:
+                    done = earlier.done(self.done.key)[: len(ids)]
+                    skip(int(np.count_nonzero(done)))
+                    ids, earlier = ids[~done], None
+            self.reached = index
+            self.close_finished()
+            yield _Span(index, ids, earlier)
 
-    def add(self, block_id: int, value: Any) -> None:
-        """Buffer a finished block's record; write the buffer when it is full or a second old."""
-        if self.done is None:
-            return
-        if isinstance(value, Recorded):
-            if value.unchanged:
-                return
-            self.unwritten[block_id] = value.record
-        else:
-            self.unwritten[block_id] = BlockRecord(self.done.key)
-        if len(self.unwritten) >= RECORD_BATCH or time.monotonic() - self.flushed > 1.0:
-            self.flush()
+    def task(self, span: _Span, ids: np.ndarray, retries: int, keep_results: bool) -> BlockTask:
+        previous = None
+        if self.check_on_worker:
+            if span.earlier is None:
+                previous = RecordBatch.absent(ids)
+            else:
+                at = ids - span.earlier.begin
+                previous = RecordBatch(ids, list(span.earlier.names), span.earlier.jobs[at], span.earlier.prints[at])
+        self.open[span.index] = self.open.get(span.index, 0) + len(ids)
+        key = self.done.key if self.done is not None else None
+        return BlockTask(self.plan, ids, retries, previous, key, keep_results)
+
+    def finished(self, task: BlockTask, records: RecordBatch) -> None:
+        """A task returned: hold its records, and let go of ranges that are complete."""
+        if self.writer is not None and len(records.ids):
+            self.writer.add(records)
+        index = int(task.ids[0]) >> self.bits
+        self.open[index] -= len(task.ids)
+        self.close_finished()
+
+    def close_finished(self) -> None:
+        for index in [i for i, n in self.open.items() if n == 0 and i < self.reached]:
+            del self.open[index]
+            if self.writer is not None:
+                self.writer.close(index)
 
     def flush(self) -> None:
-        if self.done is not None and self.unwritten:
-            self.done.write(dict(self.unwritten))
-            self.unwritten.clear()
-        self.flushed = time.monotonic()
+        if self.writer is not None:
+            self.writer.flush()
 
 
 def run_blockwise(
@@ -212,13 +285,16 @@ def run_blockwise(
     """
     start = time.perf_counter()
     result = RunResult(total=plan.num_blocks)
-    records = _Records(done, resume, check_on_worker)
-    pending: dict[Any, list[Block]] = {}
+    records = _Records(plan, done, resume, check_on_worker)
+    pending: dict[Any, BlockTask] = {}
     queue = completions()
-    blocks = plan.blocks()
     tag = f"{done.key}-{time.time_ns():x}" if done is not None else f"{time.time_ns():x}"  # unique per run
     per_task = blocks_per_task or 1
-    block_seconds: list[float] = []
+    measured = [0, 0.0]  # blocks that returned, and their seconds, over the run
+
+    def skip(count: int) -> None:
+        result.skipped += count
+        advance(count, 0)
 
     def in_flight_limit() -> int:
         """`max_in_flight`, or twice the workers present now plus two: it follows workers as they join and leave.
@@ -228,53 +304,44 @@ def run_blockwise(
             return max_in_flight
         return 2 * max(1, int(client.scheduler_info(n_workers=0)["n_workers"])) + 2
 
+    spans = records.spans(skip)
+    span: _Span | None = None
+
     def submit_next() -> bool:
-        batch: list[Block] = []
-        for block in blocks:
-            if block.block_id[1] in records.done_ids:
-                result.skipped += 1
-                advance(1, 0)
-                continue
-            batch.append(block)
-            if len(batch) == per_task:
-                break
-        if not batch:
-            return False
+        nonlocal span
+        while span is None or span.at == len(span.ids):
+            span = next(spans, None)
+            if span is None:
+                return False
+        ids = span.ids[span.at : span.at + per_task].copy()  # not a view: logs of sent tasks keep only their ids
+        span.at += len(ids)
+        task = records.task(span, ids, retries, keep_results)
         future = client.submit(
-            _run_blocks,
+            _run_task,
             fn,
-            batch,
-            [records.previous(b.block_id[1]) for b in batch],
-            check_on_worker,
-            retries,
-            key=f"{description}-{tag}-{batch[0].block_id[1]}",
+            task,
+            key=f"{description}-{tag}-{ids[0]}",
             retries=retries,
             resources=resources,
             pure=False,
         )
-        pending[future] = batch
+        pending[future] = task
         queue.add(future)
         return True
 
-    def finish(block: Block, outcome: Outcome) -> None:
-        block_id = block.block_id[1]
-        if outcome.error is not None:
-            log.error("block %d (write region %s) failed: %s", block_id, roi_key(block.write_roi), outcome.error)
-            result.failures.append(BlockFailure(block_id, roi_key(block.write_roi), outcome.error))
-            advance(1, 0)
-            return
-        records.add(block_id, outcome.value)
-        value = outcome.value.value if isinstance(outcome.value, Recorded) else outcome.value
-        voxels = 0
-        if isinstance(outcome.value, Recorded) and outcome.value.unchanged:
-            result.unchanged += 1
-        else:
-            result.completed += 1
-            voxels = int(block.write_roi.size)
-            result.voxels += voxels
-        if keep_results:
-            result.results[block_id] = value
-        advance(1, voxels)
+    def finish(task: BlockTask, outcome: TaskOutcome) -> None:
+        for block_id, text in outcome.errors.items():
+            write_roi = roi_key(plan.block(block_id).write_roi)
+            log.error("block %d (write region %s) failed: %s", block_id, write_roi, text)
+            result.failures.append(BlockFailure(block_id, write_roi, text))
+        records.finished(task, outcome.records)
+        result.completed += outcome.completed
+        result.unchanged += outcome.unchanged
+        result.voxels += outcome.voxels
+        result.results.update(outcome.values)
+        advance(len(task.ids), outcome.voxels)
+        measured[0] += len(task.ids) - len(outcome.errors)
+        measured[1] += outcome.seconds
 
     def fill() -> None:
         limit = in_flight_limit()
@@ -285,18 +352,16 @@ def run_blockwise(
         try:
             fill()
             for future in queue:
-                batch = pending.pop(future)
+                task = pending.pop(future)
                 if future.status == "finished":
-                    outcomes = future.result()
+                    outcome = future.result()
                 else:  # the task itself failed (e.g. its worker died past the retries): each of its blocks did
                     text = error_text(future.exception())
-                    outcomes = [Outcome(b.block_id[1], error=text) for b in batch]
-                for block, outcome in zip(batch, outcomes, strict=True):
-                    finish(block, outcome)
+                    outcome = TaskOutcome(dict.fromkeys(task.ids.tolist(), text), RecordBatch.of({}))
+                finish(task, outcome)
                 future.release()
-                if blocks_per_task is None:
-                    block_seconds.extend(o.seconds for o in outcomes if o.error is None)
-                    mean = sum(block_seconds[-256:]) / max(1, len(block_seconds[-256:]))
+                if blocks_per_task is None and measured[0]:
+                    mean = measured[1] / measured[0]
                     per_task = max(1, min(MAX_BLOCKS_PER_TASK, int(TASK_SECONDS / max(mean, 1e-6))))
                 fill()
         finally:

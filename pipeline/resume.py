@@ -6,10 +6,14 @@ records of an output that was deleted, re-created or replaced are never found. A
 wrote the block (the job key and the worker's device class) and, for segment, a fingerprint of the input region
 the block read, context included; a block is reused only while both still hold.
 
-The client writes records in batches, one small object per batch (never one per block), and only for blocks whose
-task returned, that is after their data was written. Objects have unique names, so concurrent writers never lose a
-record; a later object's record of a block replaces an earlier one's. Storage goes through fsspec
-(`pipeline.storage`), the same storage as the volumes.
+Records are partitioned by block id: each object holds records of one range of 2^16 consecutive ids
+(its name says which), so a run lists the folder once and then reads one range at a time as its submission
+reaches it, holding only the ranges in flight; a 10^8-block state is ~1,500 ranges of 10 bytes a block. The
+client writes records only for blocks whose task returned, that is after their data was written: a run keeps one
+object per range, replaced by a new object with all of them as its records grow. Objects are written whole under
+unique names and never rewritten, so concurrent writers and readers never lose a record; a later object's record
+of a block replaces an earlier one's; a range of many objects is merged into one when read. Storage goes through
+fsspec (`pipeline.storage`), the same storage as the volumes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -31,8 +36,17 @@ from pipeline.storage import filesystem
 OUTPUT_FORMAT = 1
 """Bump when a change to mitoseg changes the bytes a job writes: records written by older versions are not reused."""
 
+RANGE_BITS = 16
+"""Ranges hold 2^RANGE_BITS consecutive block ids (a range is read whole: ~0.6 MB held while in flight)."""
+
 COMPACT_ABOVE = 64
-"""Batch objects beyond which loading merges them into one (so loading stays a few reads)."""
+"""Objects of one range beyond which reading merges them into one (so reading a range stays a few reads)."""
+
+FINGERPRINT_BYTES = 8
+RECORD_BYTES = 2 + FINGERPRINT_BYTES
+"""Stored bytes per block once a range is merged: a job index and the input fingerprint."""
+
+_NAME = re.compile(r"r(?P<bits>\d+)-(?P<range>\d+)-(?P<stamp>\d+)-[0-9a-f]+\.npz")
 
 
 def job_key(**parts: Any) -> str:
@@ -52,8 +66,10 @@ def new_output_id() -> str:
 
 
 def fingerprint(data: np.ndarray) -> str:
-    """A 128-bit hash of an array's shape, type and values (the input region a block read)."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A 64-bit hash of an array's shape, type and values (the input region a block read), as hex.
+
+    It is only ever compared with the same block's earlier fingerprint, so 64 bits make a miss negligible."""
+    digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
     digest.update(f"{data.shape}{data.dtype.str}".encode())
     digest.update(np.ascontiguousarray(data).data)
     return digest.hexdigest()
@@ -67,141 +83,299 @@ class BlockRecord:
     fingerprint: str = ""
 
 
-class RecordTable:
-    """Loaded records, one per block id, held as sorted arrays (about 30 bytes a block, not a dict of objects)."""
+@dataclass
+class RecordBatch:
+    """Records of some blocks as arrays: ids, an index into `names` per block, and 8-byte fingerprints."""
 
-    def __init__(self, ids: np.ndarray, jobs: np.ndarray, job_names: list[str], prints: np.ndarray):
-        self.ids, self.jobs, self.job_names, self.prints = ids, jobs, job_names, prints
+    ids: np.ndarray
+    names: list[str]
+    jobs: np.ndarray
+    prints: np.ndarray
 
     @classmethod
-    def empty(cls) -> RecordTable:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int32), [], np.zeros((0, 16), np.uint8))
+    def of(cls, records: Mapping[int, BlockRecord]) -> RecordBatch:
+        names = sorted({r.job for r in records.values()})
+        index = {name: n for n, name in enumerate(names)}
+        prints = np.zeros((len(records), FINGERPRINT_BYTES), np.uint8)
+        for row, record in enumerate(records.values()):
+            if record.fingerprint:
+                prints[row] = np.frombuffer(bytes.fromhex(record.fingerprint), np.uint8)
+        jobs = np.array([index[r.job] for r in records.values()], np.int16)
+        return cls(np.fromiter(records, np.int64, len(records)), names, jobs, prints)
+
+    @classmethod
+    def absent(cls, ids: np.ndarray) -> RecordBatch:
+        """No record for any of `ids`."""
+        return cls(ids, [], np.full(len(ids), -1, np.int16), np.zeros((len(ids), FINGERPRINT_BYTES), np.uint8))
+
+    @classmethod
+    def concat(cls, batches: list[RecordBatch]) -> RecordBatch:
+        """One batch of several, in order (a later batch's record of a block wins when applied)."""
+        names = sorted({n for b in batches for n in b.names})
+        index = {name: n for n, name in enumerate(names)}
+        jobs = [np.array([index[n] for n in b.names], np.int16)[b.jobs] for b in batches]
+        return cls(
+            np.concatenate([b.ids for b in batches]),
+            names,
+            np.concatenate(jobs) if jobs else np.zeros(0, np.int16),
+            np.concatenate([b.prints for b in batches]) if batches else np.zeros((0, FINGERPRINT_BYTES), np.uint8),
+        )
+
+
+class RecordRange:
+    """The latest record of every block of one range of ids, as dense arrays (job index -1: no record)."""
+
+    def __init__(self, index: int, names: list[str], jobs: np.ndarray, prints: np.ndarray):
+        self.index, self.begin = index, index * len(jobs)
+        self.names, self.jobs, self.prints = names, jobs, prints
+
+    @classmethod
+    def empty(cls, index: int, bits: int = RANGE_BITS) -> RecordRange:
+        size = 1 << bits
+        return cls(index, [], np.full(size, -1, np.int16), np.zeros((size, FINGERPRINT_BYTES), np.uint8))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(np.count_nonzero(self.jobs >= 0))
+
+    def apply(self, batch: RecordBatch) -> None:
+        """Take a batch's records: they replace earlier ones of the same blocks."""
+        known = {name: n for n, name in enumerate(self.names)}
+        for name in batch.names:
+            if name not in known:
+                known[name] = len(self.names)
+                self.names.append(name)
+        remap = np.array([known[n] for n in batch.names] or [0], np.int16)
+        held = batch.jobs >= 0  # a merged object's blocks without a record never hide another object's record
+        at = (batch.ids - self.begin)[held]
+        self.jobs[at] = remap[batch.jobs[held]]
+        self.prints[at] = batch.prints[held]
 
     def get(self, block_id: int) -> BlockRecord | None:
         """The latest record of `block_id`, or None."""
-        at = int(np.searchsorted(self.ids, block_id))
-        if at == len(self.ids) or self.ids[at] != block_id:
+        job = int(self.jobs[block_id - self.begin])
+        if job < 0:
             return None
-        raw = self.prints[at].tobytes()
-        return BlockRecord(self.job_names[self.jobs[at]], raw.hex() if any(raw) else "")
+        raw = self.prints[block_id - self.begin].tobytes()
+        return BlockRecord(self.names[job], raw.hex() if any(raw) else "")
+
+    def done(self, job: str) -> np.ndarray:
+        """Whether each block of the range has a record naming `job` (a boolean per id)."""
+        if job not in self.names:
+            return np.zeros(len(self.jobs), bool)
+        return self.jobs == self.names.index(job)
+
+    def batch(self) -> RecordBatch:
+        """The records held, as a dense batch from the range's first id (ids are not stored)."""
+        return RecordBatch(np.zeros(0, np.int64), self.names, self.jobs, self.prints)
+
+
+class RecordTable:
+    """Every range of a state, read whole: for small states and tests (a run reads one range at a time)."""
+
+    def __init__(self, ranges: Mapping[int, RecordRange], bits: int = RANGE_BITS):
+        self.ranges, self.bits = dict(ranges), bits
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.ranges.values())
+
+    def get(self, block_id: int) -> BlockRecord | None:
+        """The latest record of `block_id`, or None."""
+        part = self.ranges.get(block_id >> self.bits)
+        return part.get(block_id) if part is not None else None
 
     def done_ids(self, job: str) -> set[int]:
         """Ids of the blocks whose record names `job`."""
-        if job not in self.job_names:
-            return set()
-        return {int(i) for i in self.ids[self.jobs == self.job_names.index(job)]}
+        return {int(i) + r.begin for r in self.ranges.values() for i in np.flatnonzero(r.done(job))}
 
 
-def _table(records: Mapping[int, BlockRecord]) -> RecordTable:
-    """A table of a batch of records (unsorted: only ever saved)."""
-    names = sorted({r.job for r in records.values()})
-    index = {name: n for n, name in enumerate(names)}
-    ids = np.fromiter(records, np.int64, len(records))
-    jobs = np.array([index[r.job] for r in records.values()], np.int32)
-    prints = np.zeros((len(records), 16), np.uint8)
-    for row, record in enumerate(records.values()):
-        if record.fingerprint:
-            prints[row] = np.frombuffer(bytes.fromhex(record.fingerprint), np.uint8)
-    return RecordTable(ids, jobs, names, prints)
-
-
-def _encode(table: RecordTable) -> bytes:
+def _encode(batch: RecordBatch, dense: bool) -> bytes:
     buffer = io.BytesIO()
-    names = np.array(table.job_names, dtype=str)
-    np.savez(buffer, ids=table.ids, jobs=table.jobs, names=names, prints=table.prints)
+    names = np.array(batch.names, dtype=str)
+    if dense:  # the ids are the range's, in order
+        np.savez(buffer, names=names, jobs=batch.jobs, prints=batch.prints)
+    else:
+        np.savez(buffer, names=names, jobs=batch.jobs, prints=batch.prints, ids=batch.ids)
     return buffer.getvalue()
 
 
-def _merge(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> RecordTable:
-    """One table from batches in write order: a later batch's record of a block wins."""
-    if not parts:
-        return RecordTable.empty()
-    names = sorted({str(n) for _, _, batch_names, _ in parts for n in batch_names})
-    index = {name: n for n, name in enumerate(names)}
-    ids = np.concatenate([p[0] for p in parts])
-    jobs = np.concatenate([np.array([index[str(n)] for n in p[2]], np.int32)[p[1]] for p in parts])
-    prints = np.concatenate([p[3] for p in parts])
-    # the last occurrence of each id: unique over the reversed arrays keeps the first there
-    _, first = np.unique(ids[::-1], return_index=True)
-    keep = len(ids) - 1 - first
-    order = np.argsort(ids[keep], kind="stable")
-    keep = keep[order]
-    return RecordTable(ids[keep], jobs[keep].astype(np.int32), names, prints[keep])
-
-
 class BlockRecords:
-    """The records of one set of blocks (a job's, or an output identity's), stored as batch objects at `location`."""
+    """The records of one set of blocks (a job's, or an output identity's), stored as range objects at `location`."""
 
-    def __init__(self, location: str, key: str):
+    def __init__(self, location: str, key: str, range_bits: int = RANGE_BITS):
         self.location = location.rstrip("/")
         self.key = key
         """The job key this run writes its records under (client-side skipping matches it)."""
+        self.range_bits = range_bits
+        """Each object holds records of ids in one range of 2^range_bits (ids >> range_bits is its index)."""
 
-    def _fs(self) -> tuple[Any, str]:
-        return filesystem(self.location)
-
-    def _batches(self) -> list[str]:
-        fs, root = self._fs()
+    def objects(self) -> dict[int, list[str]]:
+        """The stored objects of each range that has any, oldest first: one listing of the folder."""
+        fs, root = filesystem(self.location)
         try:
-            if not fs.exists(root):
-                return []
-            names = [p for p in fs.ls(root, detail=False) if str(p).endswith(".npz")]
+            names = [str(p) for p in fs.ls(root, detail=False)] if fs.exists(root) else []
         except Exception as err:
             raise StorageError(f"cannot list done-records at {self.location}: {err}") from err
-        return sorted(names, key=lambda p: str(p).rsplit("/", 1)[-1])
+        found: dict[int, list[tuple[int, str]]] = {}
+        for path in names:
+            name = path.rsplit("/", 1)[-1]
+            if not name.endswith(".npz"):
+                continue  # a write in progress (`.partial`), or not ours
+            match = _NAME.fullmatch(name)
+            if match is None or int(match["bits"]) != self.range_bits:
+                raise StorageError(
+                    f"done-record object {path} cannot be read: its name is not r{self.range_bits}-RANGE-STAMP-ID.npz "
+                    "(written by another mitoseg version?); delete that file (its blocks are then recomputed)"
+                )
+            found.setdefault(int(match["range"]), []).append((int(match["stamp"]), path))
+        return {index: [p for _, p in sorted(paths)] for index, paths in found.items()}
 
-    def _read(self, fs: Any, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        try:
-            with fs.open(path, "rb") as handle, np.load(io.BytesIO(handle.read()), allow_pickle=False) as batch:
-                return batch["ids"], batch["jobs"], batch["names"], batch["prints"]
-        except Exception as err:
-            raise StorageError(
-                f"done-record batch {path} cannot be read: {err}; delete that file (its blocks are then recomputed)"
-            ) from err
+    def load_range(self, index: int, paths: list[str] | None = None, attempts: int = 8) -> RecordRange:
+        """Range `index`'s latest records (from `paths`, else from a listing); merges its objects when many.
+
+        An object that vanished while it was read was replaced by its writer or merged by another reader into a
+        newer one: list again (after a growing pause) and read the range anew, in order."""
+        fs, _ = filesystem(self.location)
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(0.01 * 2**attempt)
+            listed = self.objects().get(index, []) if paths is None else paths
+            part = RecordRange.empty(index, self.range_bits)
+            try:
+                for path in listed:
+                    part.apply(self._read(fs, path, part.begin))
+            except FileNotFoundError:
+                paths = None
+                continue
+            if len(listed) > COMPACT_ABOVE:
+                newest = _NAME.fullmatch(listed[-1].rsplit("/", 1)[-1])
+                self.write_range(part, stamp=newest["stamp"] if newest else None)
+                self.remove(listed)  # only after the merged object is stored
+            return part
+        raise StorageError(f"done-records of range {index} at {self.location} kept vanishing while read; run again")
 
     def load(self) -> RecordTable:
-        """Every block's latest record; merges the batch objects into one when there are many."""
-        fs, _ = self._fs()
-        paths = self._batches()
-        table = _merge([self._read(fs, p) for p in paths])
-        if len(paths) > COMPACT_ABOVE:
-            newest = str(paths[-1]).rsplit("/", 1)[-1].split("-", 1)[0]
-            self._put(table, stamp=newest)  # sorts where the newest batch did, so later writers still win
-            for path in paths:
-                fs.rm(path)
-        return table
+        """Every range's latest records (small states and tests; a run reads ranges one at a time)."""
+        ranges = {index: self.load_range(index, paths) for index, paths in self.objects().items()}
+        return RecordTable(ranges, self.range_bits)
+
+    def _read(self, fs: Any, path: str, begin: int) -> RecordBatch:
+        try:
+            with fs.open(path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise StorageError(f"cannot read done-record object {path}: {err}") from err
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+                jobs, prints = data["jobs"], data["prints"]
+                ids = data["ids"] if "ids" in data else np.arange(begin, begin + len(jobs), dtype=np.int64)
+                return RecordBatch(ids, [str(n) for n in data["names"]], jobs, prints)
+        except Exception as err:
+            raise StorageError(
+                f"done-record object {path} cannot be read: {err}; delete that file (its blocks are then recomputed)"
+            ) from err
 
     def write(self, records: Mapping[int, BlockRecord]) -> None:
-        """Store a batch of records as one new object (written whole, then moved into place on local disk)."""
+        """Store records as new objects, one per range they touch."""
         if records:
-            self._put(_table(records))
+            self.write_batch(RecordBatch.of(records))
 
-    def _put(self, table: RecordTable, stamp: str | None = None) -> None:
-        fs, root = self._fs()
-        name = f"{stamp or f'{time.time_ns():020d}'}-{uuid.uuid4().hex[:8]}.npz"
-        path = f"{root}/{name}"
+    def write_range(self, part: RecordRange, stamp: str | None = None) -> str:
+        """Store a whole range as one new object (10 bytes a block); `stamp` orders it among the others."""
+        return self._put(part.index, part.batch(), dense=True, stamp=stamp)
+
+    def write_batch(self, batch: RecordBatch) -> dict[int, str]:
+        """Store a batch as one new object per range it touches; returns each range's object."""
+        ranges = batch.ids >> self.range_bits
+        written = {}
+        for index in np.unique(ranges).tolist():
+            mask = ranges == index
+            part = RecordBatch(batch.ids[mask], batch.names, batch.jobs[mask], batch.prints[mask])
+            written[index] = self._put(index, part, dense=False)
+        return written
+
+    def remove(self, paths: Iterable[str]) -> None:
+        """Delete objects whose records a newer object holds (one already gone was merged by a reader)."""
+        fs, _ = filesystem(self.location)
+        for path in paths:
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+            except Exception as err:
+                raise StorageError(f"cannot delete done-record object {path}: {err}") from err
+
+    def _put(self, index: int, batch: RecordBatch, dense: bool, stamp: str | None = None) -> str:
+        fs, root = filesystem(self.location)
+        path = f"{root}/r{self.range_bits}-{index:08d}-{stamp or f'{time.time_ns():020d}'}-{uuid.uuid4().hex[:8]}.npz"
         try:
             fs.makedirs(root, exist_ok=True)
             local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
             target = f"{path}.partial" if local else path
             with fs.open(target, "wb") as handle:
-                handle.write(_encode(table))
+                handle.write(_encode(batch, dense))
             if local:
                 fs.mv(target, path)
         except Exception as err:
             raise StorageError(f"cannot write done-records at {self.location}: {err}") from err
+        return path
 
     def clear(self) -> None:
         """Forget every record here (a run that starts over)."""
-        fs, root = self._fs()
+        fs, root = filesystem(self.location)
         try:
             if fs.exists(root):
                 fs.rm(root, recursive=True)
         except Exception as err:
             raise StorageError(f"cannot delete done-records at {self.location}: {err}") from err
+
+
+class RecordWriter:
+    """A run's new records: one object per range, replaced (at most once a second) by one holding all of them, and
+    forgotten once the run has finished every block of that range, so memory follows the ranges in flight."""
+
+    def __init__(self, records: BlockRecords, interval_s: float = 1.0):
+        self.records, self.interval_s = records, interval_s
+        self.held: dict[int, list[RecordBatch]] = {}
+        self.stored: dict[int, str] = {}
+        self.dirty: set[int] = set()
+        self.flushed = time.monotonic()
+
+    def add(self, batch: RecordBatch) -> None:
+        """Hold a task's records; write the ranges that changed when the last write is `interval_s` old."""
+        ranges = batch.ids >> self.records.range_bits
+        for index in np.unique(ranges).tolist():
+            mask = ranges == index
+            self.held.setdefault(index, []).append(
+                RecordBatch(batch.ids[mask], batch.names, batch.jobs[mask], batch.prints[mask])
+            )
+            self.dirty.add(index)
+        if time.monotonic() - self.flushed >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every range that got records since its last write."""
+        for index in sorted(self.dirty):
+            self._write(index)
+        self.dirty.clear()
+        self.flushed = time.monotonic()
+
+    def close(self, index: int) -> None:
+        """Range `index` gets no more records from this run: write it if needed and let it go."""
+        if index in self.dirty:
+            self._write(index)
+            self.dirty.discard(index)
+        self.held.pop(index, None)
+        self.stored.pop(index, None)
+
+    def _write(self, index: int) -> None:
+        merged = RecordBatch.concat(self.held[index])
+        self.held[index] = [merged]
+        before = self.stored.get(index)
+        self.stored[index] = self.records.write_batch(merged)[index]
+        if before is not None:
+            self.records.remove([before])
 
 
 class DoneMarkers(BlockRecords):

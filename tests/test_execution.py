@@ -221,8 +221,7 @@ class DyingClient(FakeClient):
         self.dies_with = dies_with
 
     def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        blocks = args[1]
-        if any(b.block_id[1] == self.dies_with for b in blocks):
+        if self.dies_with in args[1].ids:  # the task's block ids
 
             def die(*_: Any) -> Any:
                 raise RuntimeError("worker died")
@@ -251,3 +250,21 @@ def test_tasks_grow_to_the_measured_block_time() -> None:
     client = FakeClient()
     result = run(client, Blocks(), blocks_per_task=None)
     assert result.completed == 18 and len(client.submitted) < 18  # instant blocks: the rest go in one task
+
+
+@pytest.mark.parametrize("blocks_per_task", [1, 3, None])
+def test_records_in_ranges_of_ids_skip_and_check_exactly_across_ranges(tmp_path: Path, blocks_per_task: Any) -> None:
+    done = BlockRecords(str(tmp_path / "done"), "job", range_bits=2)  # 18 blocks in 5 ranges of 4 ids
+    fn = Blocks({9: 99})
+    first = run(FakeClient(), fn, done=done, blocks_per_task=blocks_per_task)
+    assert (first.completed, [f.block_id for f in first.failures]) == (17, [9])
+    assert {i: len(paths) for i, paths in done.objects().items()} == dict.fromkeys(range(5), 1)  # one object a range
+    client, fn = FakeClient(), Blocks()
+    second = run(client, fn, done=done, blocks_per_task=blocks_per_task)
+    assert (second.completed, second.skipped, set(fn.calls)) == (1, 17, {9}) and len(client.submitted) == 1
+
+    records = BlockRecords(str(tmp_path / "records"), "job", range_bits=2)
+    assert run(FakeClient(), Checking({}), done=records, check_on_worker=True, blocks_per_task=blocks_per_task).ok
+    fn = Checking({3: "b", 4: "b", 17: "b"})  # the last block of range 0, the first of range 1, the very last
+    again = run(FakeClient(), fn, done=records, check_on_worker=True, blocks_per_task=blocks_per_task)
+    assert (again.completed, again.unchanged, sorted(fn.computed)) == (3, 15, [3, 4, 17])
