@@ -288,6 +288,8 @@ def _version_for(url: str, key: str, current: Volume, current_id: str, meta: Vol
         log.info("output %s: version %s was written by this same job; going on there", redact(url), found.name)
         volume = open_volume(f"{str(current.url).split('://', 1)[0]}://{found.location}", mode="r+")
         return volume, str(volume.provenance.get("output_id") or new_output_id())
+    if current.meta.shape != meta.shape:  # other data, not a reprocessing of this output's
+        _check_layout(current, meta)
     location = version_location(parse_volume_url(url).location, key)
     target = f"{str(current.url).split('://', 1)[0]}://{location}"
     log.info(
@@ -351,6 +353,7 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
         done=run.done,
         check_on_worker=True,
         resume=config.resume,
+        blocks_per_task=None,  # sized from the measured block time: cheap (e.g. unchanged) blocks travel together
         max_in_flight=config.max_in_flight,
         retries=config.retries,
         resources={"GPU": 1} if config.gpu_resource else None,

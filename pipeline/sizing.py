@@ -17,6 +17,7 @@ from pipeline.config.segment import SegmentConfig
 from pipeline.errors import StorageError
 from pipeline.geometry import Vec3, cell_ranges, parse_roi
 from pipeline.plan import BlockPlan, common_shard, plan_blocks
+from pipeline.resume import RECORD_BYTES
 from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
 
 THROUGHPUT_MVOX_S: dict[str, tuple[float, str]] = {
@@ -24,9 +25,6 @@ THROUGHPUT_MVOX_S: dict[str, tuple[float, str]] = {
     "h100": (2500.0, "bound, not measured: 3.2e5 FLOP per voxel at 800 TFLOP/s (bf16); real runs are slower"),
 }
 """Output voxels per second of one worker's network (Mvox/s, no patch overlap counted), and where it comes from."""
-
-RECORD_BYTES = 28
-"""Done-record bytes per block (block id, job index, 16-byte input fingerprint), held in a few batch objects."""
 
 
 @dataclass(frozen=True)

@@ -186,8 +186,12 @@ def test_unsupported_dtype_and_existing_mismatched_output(tiny_checkpoint, tmp_p
         prepare(config(raw, f"zarr://file://{tmp_path}/p.zarr/a", tiny_checkpoint))
     out = f"zarr://file://{tmp_path}/p.zarr/b"
     prepare(config(raw_url, out, tiny_checkpoint))
-    with pytest.raises(StorageError, match="exists with shape"):
-        prepare(config(raw_url, out, tiny_checkpoint, output_dtype="float32"))
+    other = write_raw(f"zarr://file://{tmp_path}/other.zarr/raw", np.zeros((8, 32, 32), np.uint8))
+    with pytest.raises(StorageError, match="exists with shape"):  # other data into the same output
+        prepare(config(other, out, tiny_checkpoint))
+    changed = prepare(config(raw_url, out, tiny_checkpoint, output_dtype="float32"))  # a changed setting
+    assert changed.outputs[0] != out and open_volume(changed.outputs[0]).meta.dtype == np.float32
+    assert open_volume(out).meta.dtype == np.uint8  # written beside, as a new version
 
 
 def test_roi_region_is_the_only_thing_written(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
