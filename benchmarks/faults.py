@@ -39,7 +39,8 @@ class Row:
     retried: int
     recomputed: int
     differing: int
-    exit: int
+    exit: str
+    """The run's exit status; for a scenario run twice, the first run's, then the second's."""
 
 
 def read_all(url: str) -> np.ndarray:
@@ -88,10 +89,10 @@ def main() -> None:
                     first = segment(job(out, **kw), client=client, progress=False)
                 finally:
                     client.unregister_worker_plugin(fault.name)
-                recomputed, status = 0, exit_status(first)
+                recomputed, status = 0, str(exit_status(first))
                 if again:
                     second = segment(job(out), client=client, progress=False)
-                    recomputed, status = second.run.completed, exit_status(second)
+                    recomputed, status = second.run.completed, f"{status} -> {exit_status(second)}"
                 injected = fault.count()
                 retried = injected - len(first.run.failures) if not fault.always else 0
                 differing = int((read_all(out) != expected).sum())
@@ -122,17 +123,17 @@ def main() -> None:
             fresh_url = f"zarr://file://{tmp}/fresh.zarr"
             segment(job(fresh_url), client=client, progress=False)
             differing = int((read_all(out) != read_all(fresh_url)).sum())
-            rows.append(Row("input chunk rewritten", 1, 0, rerun.run.completed, differing, exit_status(rerun)))
+            rows.append(Row("input chunk rewritten", 1, 0, rerun.run.completed, differing, str(exit_status(rerun))))
             create_volume(raw, meta).write(meta.roi, data[None])
 
         rows.append(_whole_run_killed(tmp, raw, block, expected))
     print(f"{total} blocks of {block} over {shape}, demo network, {args.workers} worker processes\n")
-    print(f"| {'scenario':<40} | injected | retried | recomputed | voxels differing | exit |")
-    print(f"|{'-' * 42}|----------|---------|------------|------------------|------|")
+    print(f"| {'scenario':<40} | injected | retried | recomputed | voxels differing | exit   |")
+    print(f"|{'-' * 42}|----------|---------|------------|------------------|--------|")
     for row in rows:
         print(
             f"| {row.scenario:<40} | {row.injected:>8} | {row.retried:>7} | {row.recomputed:>10} | "
-            f"{row.differing:>16} | {row.exit:>4} |"
+            f"{row.differing:>16} | {row.exit:>6} |"
         )
 
 
@@ -159,7 +160,7 @@ def _whole_run_killed(tmp: str, raw: str, block: tuple[int, ...], expected: np.n
     before = written()
     second = subprocess.run(command, capture_output=True, text=True, env=env)
     differing = int((read_all(f"zarr://file://{out_path}") != expected).sum())
-    return Row("whole run SIGKILLed, restarted", 1, 0, written() - before, differing, second.returncode)
+    return Row("whole run SIGKILLed, restarted", 1, 0, written() - before, differing, f"-9 -> {second.returncode}")
 
 
 if __name__ == "__main__":
