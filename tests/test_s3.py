@@ -43,10 +43,15 @@ _AWS_VARIABLES = (
 
 
 @pytest.fixture(autouse=True)
-def _restore_what_configure_sets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`storage.configure` writes os.environ: every test starts without what an earlier one set, and undoes its own."""
+def _restore_what_configure_sets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`storage.configure` writes os.environ: every test starts without what an earlier one set, and the whole
+    environment is put back after it (monkeypatch alone does not undo a variable it found absent)."""
+    saved = dict(os.environ)
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", *storage.CHECKSUM_VARIABLES):
         monkeypatch.delenv(name, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 REDACTIONS = [

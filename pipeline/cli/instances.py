@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.options import config_default
+from pipeline.cli.options import Force, Roi, Scheduler, SummaryJson, Workers
 from pipeline.config.instances import InstancesConfig
 
 
@@ -20,24 +20,12 @@ def instances(
         str | None,
         typer.Option("--block-size", help="Block Z,Y,X in voxels.", show_default="whole chunks near 64,256,256"),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            help="Local Dask worker processes.",
-            show_default=config_default(InstancesConfig, "cluster.workers"),
-        ),
-    ] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
-    roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    roi: Roi = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Recompute blocks already recorded as done.")] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Break another run's lease on the output (only when that run is gone).")
-    ] = False,
-    summary_json: Annotated[
-        Path | None,
-        typer.Option("--summary-json", help="Write counts, failures, durations and versions here as JSON."),
-    ] = None,
+    force: Force = False,
+    summary_json: SummaryJson = None,
 ) -> None:
     """Decode instances blockwise with IDs consistent across block borders; measure every object."""
     from rich.console import Console

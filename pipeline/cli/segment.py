@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.options import config_default
+from pipeline.cli.options import Force, Roi, Scheduler, SummaryJson, Workers, config_default
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
 from pipeline.geometry import as_zyx
@@ -79,15 +79,8 @@ def segment(
             show_default=config_default(SegmentConfig, "block_size"),
         ),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            help="Local Dask worker processes.",
-            show_default=config_default(SegmentConfig, "cluster.workers"),
-        ),
-    ] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Existing Dask scheduler address.")] = None,
+    workers: Workers = None,
+    scheduler: Scheduler = None,
     cluster: Annotated[
         ClusterKind | None,
         typer.Option(
@@ -106,7 +99,7 @@ def segment(
     min_workers: Annotated[
         int | None, typer.Option("--min-workers", help="Workers to wait for before the first block.")
     ] = None,
-    roi: Annotated[str | None, typer.Option("--roi", help="Region OFFSET:SHAPE, z,y,x voxels.")] = None,
+    roi: Roi = None,
     overlap: Annotated[
         str | None,
         typer.Option(
@@ -141,13 +134,8 @@ def segment(
     instances: Annotated[
         str | None, typer.Option("--instances", help="Also decode instances into this label volume URL.")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Break another run's lease on the outputs (only when that run is gone).")
-    ] = False,
-    summary_json: Annotated[
-        Path | None,
-        typer.Option("--summary-json", help="Write counts, failures, durations and versions here as JSON."),
-    ] = None,
+    force: Force = False,
+    summary_json: SummaryJson = None,
 ) -> None:
     """Segment mitochondria: write one probability channel per network output."""
     from rich.console import Console
