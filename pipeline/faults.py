@@ -61,7 +61,7 @@ PREDICT = "workers.predict_block:predict_block"
 """Segment's per-block function; other stages' are callables such as `pipeline.viewing.pyramid:DownsampleBlock`."""
 
 
-def _resolve(target: str) -> tuple[Any, str]:
+def resolve_target(target: str) -> tuple[Any, str]:
     """The object holding the attribute `target` names (`module:function` or `module:Class`) and its name; a class
     is patched at `__call__`, the per-block method of the stages' task objects."""
     import importlib
@@ -86,7 +86,7 @@ class KillWorkerAtBlock(_Fault):
         self.name = f"{self.name}-{target.rsplit(':', 1)[-1]}"
 
     def setup(self, worker: Any) -> None:
-        owner, attribute = _resolve(self.target)
+        owner, attribute = resolve_target(self.target)
         original: Callable[..., Any] = getattr(getattr(owner, attribute), "__wrapped__", getattr(owner, attribute))
         fault = self
 
@@ -100,7 +100,7 @@ class KillWorkerAtBlock(_Fault):
         setattr(owner, attribute, run)  # tasks pickle functions and classes by reference, so they find this one
 
     def teardown(self, worker: Any) -> None:
-        owner, attribute = _resolve(self.target)
+        owner, attribute = resolve_target(self.target)
         setattr(owner, attribute, getattr(getattr(owner, attribute), "__wrapped__", getattr(owner, attribute)))
 
 

@@ -216,3 +216,34 @@ def test_a_worker_killed_in_a_later_stage_loses_nothing(processes, tissue_url, f
     assert fault.count() == 1 and not result.failures
     for name in ("p.zarr", "labels.zarr"):
         assert _tree(tmp_path / name) == _tree(full_reference / name), f"{name} differs after a kill in {stage}"
+
+
+def test_the_whole_run_killed_during_instances_relabel_and_restarted_loses_nothing(
+    tissue_url, full_reference, tmp_path
+):
+    """`mitoseg segment` with instances SIGKILLed once relabelling has written labels (relabel blocks are slowed
+    so that the kill lands mid-stage), then run again: every stage's files equal an uninterrupted run's."""
+    config = full_job(tissue_url, tmp_path).model_dump(mode="json", exclude_unset=True)
+    config["cluster"] = {"kind": "local", "workers": 1}
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "pipeline", "segment", str(job_file)]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    slow = {
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{Path(__file__).with_name("worker_faults_preload.py")}"]',
+        "MITOSEG_TEST_BLOCK_DELAY_S": "0.5",
+        "MITOSEG_TEST_DELAY_TARGET": "pipeline.instances.tasks:RelabelTask",
+    }
+    first = subprocess.Popen(command, start_new_session=True, env={**env, **slow}, stdout=subprocess.PIPE)
+    labels = tmp_path / "labels.zarr" / "s0"
+    deadline = time.monotonic() + 240
+    while _chunks_written(labels) < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed: " + first.stdout.read().decode()[-2000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    for name in ("p.zarr", "labels.zarr"):
+        assert _tree(tmp_path / name) == _tree(full_reference / name), f"{name} differs after the restart"

@@ -3,7 +3,8 @@
 Worker jobs (and local workers) load it through the environment they inherit:
 DASK_DISTRIBUTED__WORKER__PRELOAD='["<this file>"]', and then read
 - MITOSEG_TEST_BLOCK_DELAY_S: every block first waits this many seconds. It stretches a run in wall time, not in
-  CPU time, so that worker jobs end (cancelled, or at their walltime) while blocks are in flight;
+  CPU time, so that worker jobs end (cancelled, or at their walltime) or the run is killed while blocks are in
+  flight; MITOSEG_TEST_DELAY_TARGET names the stage's per-block callable (segment's by default);
 - MITOSEG_TEST_FAIL_WRITES=Z,Y,X and MITOSEG_TEST_FAULT_DIR: writes of the block at that offset always fail
   (pipeline.faults.FailWrites), so the run ends with a failed block.
 """
@@ -27,14 +28,16 @@ def dask_setup(worker: Any) -> None:
 
 
 def _delay_blocks(seconds: float) -> None:
-    """Wrap the block function; tasks refer to it by module and name, so they run the wrapper."""
-    import workers.predict_block as module
+    """Wrap the per-block callable of a stage (MITOSEG_TEST_DELAY_TARGET, `module:callable`; segment's blocks by
+    default); tasks refer to it by module and name, so they run the wrapper."""
+    from pipeline.faults import PREDICT, resolve_target
 
-    original = getattr(module.predict_block, "__wrapped__", module.predict_block)
+    owner, name = resolve_target(os.environ.get("MITOSEG_TEST_DELAY_TARGET", PREDICT))
+    original = getattr(getattr(owner, name), "__wrapped__", getattr(owner, name))
 
-    def predict_block(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return original(*args, **kwargs)
 
-    predict_block.__wrapped__ = original  # type: ignore[attr-defined]
-    module.predict_block = predict_block
+    run.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(owner, name, run)
