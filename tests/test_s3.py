@@ -469,3 +469,35 @@ def test_instances_evaluate_and_view_state_read_from_s3(s3: S3Server, demo: Demo
     for u in urls[:2]:  # what Neuroglancer fetches first: the volumes' metadata, over plain http
         with urllib.request.urlopen(f"{u.split('://', 1)[1]}/zarr.json", timeout=10) as reply:
             assert json.load(reply)["zarr_format"] == 3
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_s3_resumes_to_the_same_output(s3: S3Server, demo: Demo, tiny_checkpoint: Path) -> None:
+    """`mitoseg segment` SIGKILLed (client and workers) with some blocks on S3, then run again: it computes only
+    the rest, from its done-records on S3, and the output equals the run on local files."""
+    import signal
+
+    fs, _ = storage.filesystem(f"s3://{demo.bucket}")
+    raw, out = f"zarr://s3://{demo.bucket}/em.zarr/raw", f"zarr://s3://{demo.bucket}/killed.zarr/probs"
+    command = [sys.executable, "-m", "pipeline", *_segment_args(raw, [out], tiny_checkpoint)]
+    slow = {  # every block waits first, so that the kill lands mid-run
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{Path(__file__).with_name("worker_faults_preload.py")}"]',
+        "MITOSEG_TEST_BLOCK_DELAY_S": "1",
+    }
+    first = subprocess.Popen(command, env={**s3.env, **slow}, start_new_session=True, stdout=subprocess.DEVNULL)
+
+    def records() -> int:
+        fs.invalidate_cache()
+        return len(fs.find(f"{demo.bucket}/killed.zarr/probs.mitoseg/segment"))
+
+    deadline = time.monotonic() + 240
+    while records() == 0 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the run ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    again = mitoseg(s3.env, *_segment_args(raw, [out], tiny_checkpoint))
+    assert again.returncode == 0, again.stderr
+    computed = int(again.stdout.split(" block(s) computed")[0].rsplit(" ", 1)[-1])
+    assert 0 < computed < DEMO_BLOCKS  # the blocks recorded on S3 before the kill were not computed again
+    assert np.array_equal(_read(out), _read(f"zarr://file://{demo.local}/out.zarr/probs"))
