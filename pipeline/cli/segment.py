@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.options import Force, Roi, Scheduler, SummaryJson, Workers, config_default
+from pipeline.config.cluster import BatchClusterConfig
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError
 from pipeline.geometry import as_zyx
@@ -59,6 +60,11 @@ def cluster_overrides(kind: ClusterKind | None, **fields: object) -> dict[str, o
     return {f"cluster.{name}": value for name, value in given.items()}
 
 
+def _batch(field: str) -> str:
+    """The default of a batch cluster field (slurm, pbs, lsf), as `--help` shows it."""
+    return str(BatchClusterConfig.model_fields[field].default)
+
+
 def segment(
     config: Annotated[Path | None, typer.Argument(help="YAML job file (configs/*.yaml); options override it.")] = None,
     input: Annotated[str | None, typer.Option("--input", help="EM volume URL or local path.")] = None,
@@ -92,12 +98,25 @@ def segment(
     scheduler_file: Annotated[
         str | None, typer.Option("--scheduler-file", help="Scheduler file of a running scheduler.")
     ] = None,
-    max_jobs: Annotated[int | None, typer.Option("--max-jobs", help="Batch jobs at most (slurm, pbs, lsf).")] = None,
-    gpus_per_job: Annotated[int | None, typer.Option("--gpus-per-job", help="GPUs per batch job (0 or 1).")] = None,
-    queue: Annotated[str | None, typer.Option("--queue", help="Batch partition or queue.")] = None,
-    walltime: Annotated[str | None, typer.Option("--walltime", help="Batch job walltime, HH:MM:SS.")] = None,
+    max_jobs: Annotated[
+        int | None,
+        typer.Option("--max-jobs", help="Batch jobs at most (slurm, pbs, lsf).", show_default=_batch("max_jobs")),
+    ] = None,
+    gpus_per_job: Annotated[
+        int | None,
+        typer.Option("--gpus-per-job", help="GPUs per batch job (0 or 1).", show_default=_batch("gpus_per_job")),
+    ] = None,
+    queue: Annotated[
+        str | None, typer.Option("--queue", help="Batch partition or queue.", show_default="the site's default")
+    ] = None,
+    walltime: Annotated[
+        str | None, typer.Option("--walltime", help="Batch job walltime, HH:MM:SS.", show_default=_batch("walltime"))
+    ] = None,
     min_workers: Annotated[
-        int | None, typer.Option("--min-workers", help="Workers to wait for before the first block.")
+        int | None,
+        typer.Option(
+            "--min-workers", help="Workers to wait for before the first block.", show_default=_batch("min_workers")
+        ),
     ] = None,
     roi: Roi = None,
     overlap: Annotated[
