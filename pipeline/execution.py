@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -120,6 +120,22 @@ class TaskOutcome:
     seconds: float = 0.0
     """Time of the blocks that returned, together (sizes later tasks)."""
     values: dict[int, Any] = field(default_factory=dict)
+
+
+LOST_RESUBMITS = 2
+"""Times a one-block task that Dask gave back with neither a result nor an error (lost, cancelled) is sent again."""
+
+
+def _one_block_tasks(task: BlockTask) -> list[BlockTask]:
+    """The blocks of `task` as tasks of one block each (with each block's earlier record), last block first."""
+    tasks = []
+    for row in range(len(task.ids)):
+        one = slice(row, row + 1)
+        previous = task.previous
+        if previous is not None:
+            previous = RecordBatch(previous.ids[one], previous.names, previous.jobs[one], previous.prints[one])
+        tasks.append(replace(task, ids=task.ids[one].copy(), previous=previous))
+    return tasks[::-1]
 
 
 def _previous(task: BlockTask, row: int) -> BlockRecord | None:
@@ -306,27 +322,28 @@ def run_blockwise(
 
     spans = records.spans(skip)
     span: _Span | None = None
+    again: list[BlockTask] = []  # blocks of failed multi-block tasks, and lost tasks, sent again one per task
+    lost: dict[int, int] = {}  # per block: how often its one-block task came back with neither result nor error
+
+    def send(task: BlockTask, key: str) -> None:
+        future = client.submit(_run_task, fn, task, key=key, retries=retries, resources=resources, pure=False)
+        pending[future] = task
+        queue.add(future)
 
     def submit_next() -> bool:
         nonlocal span
+        if again:
+            task = again.pop()
+            block_id = int(task.ids[0])
+            send(task, f"{description}-{tag}-{block_id}-alone{lost.get(block_id, 0)}")
+            return True
         while span is None or span.at == len(span.ids):
             span = next(spans, None)
             if span is None:
                 return False
         ids = span.ids[span.at : span.at + per_task].copy()  # not a view: logs of sent tasks keep only their ids
         span.at += len(ids)
-        task = records.task(span, ids, retries, keep_results)
-        future = client.submit(
-            _run_task,
-            fn,
-            task,
-            key=f"{description}-{tag}-{ids[0]}",
-            retries=retries,
-            resources=resources,
-            pure=False,
-        )
-        pending[future] = task
-        queue.add(future)
+        send(records.task(span, ids, retries, keep_results), f"{description}-{tag}-{ids[0]}")
         return True
 
     def finish(task: BlockTask, outcome: TaskOutcome) -> None:
@@ -355,9 +372,20 @@ def run_blockwise(
                 task = pending.pop(future)
                 if future.status == "finished":
                     outcome = future.result()
-                else:  # the task itself failed (e.g. its worker died past the retries): each of its blocks did
-                    text = error_text(future.exception())
-                    outcome = TaskOutcome(dict.fromkeys(task.ids.tolist(), text), RecordBatch.of({}))
+                else:  # the task itself failed (e.g. its workers died past Dask's allowed failures)
+                    error = future.exception() if future.status == "error" else None
+                    block_id = int(task.ids[0])
+                    if len(task.ids) > 1 or (error is None and lost.get(block_id, 0) < LOST_RESUBMITS):
+                        # find the block to blame: each block of the task goes again alone (a lost one-block
+                        # task, with no error, goes again as it is)
+                        if len(task.ids) == 1:
+                            lost[block_id] = lost.get(block_id, 0) + 1
+                        again.extend(_one_block_tasks(task))
+                        future.release()
+                        fill()
+                        continue
+                    text = error_text(error) if error is not None else f"its task was {future.status} by Dask"
+                    outcome = TaskOutcome({block_id: text}, RecordBatch.of({}))
                 finish(task, outcome)
                 future.release()
                 if blocks_per_task is None and measured[0]:

@@ -241,9 +241,12 @@ def test_tasks_of_several_blocks_keep_per_block_retries_failures_and_records(tmp
     assert done.load().done_ids("job") == ALL - {9}
     dying = run(DyingClient(dies_with=9), Blocks(), done=done, blocks_per_task=4)
     assert (dying.completed, dying.skipped, [f.block_id for f in dying.failures]) == (0, 17, [9])
-    dead = run(DyingClient(dies_with=1), Blocks(), blocks_per_task=4)
-    assert sorted(f.block_id for f in dead.failures) == [0, 1, 2, 3] and dead.completed == 14  # its whole task
-    assert all(f.error == "RuntimeError: worker died" for f in dead.failures)
+    dying_client = DyingClient(dies_with=1)
+    dead = run(dying_client, Blocks(), blocks_per_task=4)
+    # the dead task's blocks go again one per task: only the block that kills its task is reported
+    assert [f.block_id for f in dead.failures] == [1] and dead.completed == 17
+    assert dead.failures[0].error == "RuntimeError: worker died"
+    assert len(dying_client.submitted) == 5 + 4
 
 
 def test_tasks_grow_to_the_measured_block_time() -> None:

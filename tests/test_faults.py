@@ -31,12 +31,17 @@ STRUCK = [(0, 32, 32), (16, 0, 64)]
 
 @pytest.fixture(scope="module")
 def processes():
-    """Two worker processes (a nanny restarts a killed one), shared by the module's tests."""
+    """Two worker processes (a nanny restarts a killed one), shared by the module's tests. A nanny writes Dask's
+    worker variables (MALLOC_TRIM_THRESHOLD_, ...) into this process's environment, where they would override
+    mitoseg's settings for later clusters: the environment is put back afterwards."""
     from distributed import Client, LocalCluster
 
+    saved = dict(os.environ)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     with cluster, Client(cluster) as client:
         yield client
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -323,7 +323,9 @@ def _start_environment() -> bytes:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_local_workers_start_with_tuned_malloc_and_their_thread_share(clients) -> None:
-    """glibc reads MALLOC_* once at process start: they must be in the worker's initial environment."""
+    """glibc reads MALLOC_* once at process start: they must be in the worker's initial environment, also of a
+    worker the nanny restarted (after its worker died)."""
+    clients[2].restart()
     for client in clients.values():
         for start_env in client.run(_start_environment).values():
             variables = dict(v.split(b"=", 1) for v in start_env.split(b"\0") if b"=" in v)
