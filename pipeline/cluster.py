@@ -17,6 +17,7 @@ from pipeline.config.cluster import (
     AddressClusterConfig,
     BatchClusterConfig,
     ClusterConfig,
+    KubernetesClusterConfig,
     LocalClusterConfig,
     SchedulerFileClusterConfig,
 )
@@ -63,6 +64,10 @@ def dask_client(cluster: ClusterConfig | None = None, gpus: int = 0) -> Iterator
                 yield client
         elif isinstance(cluster, BatchClusterConfig):
             with _batch_client(cluster) as client:
+                share_storage(client)
+                yield client
+        elif isinstance(cluster, KubernetesClusterConfig):
+            with _kubernetes_client(cluster) as client:
                 share_storage(client)
                 yield client
         else:
@@ -232,6 +237,49 @@ def _batch_client(cluster: BatchClusterConfig) -> Iterator[Any]:
             client.close()
     finally:
         batch.close()
+
+
+def kubernetes_options(cluster: KubernetesClusterConfig) -> dict[str, Any]:
+    """The dask-kubernetes `KubeCluster` arguments of a Kubernetes cluster: pods with fixed resources and mitoseg's
+    thread and malloc settings, removed when the run closes the cluster."""
+    threads = max(1, int(float(cluster.cpu.removesuffix("m")) / (1000 if cluster.cpu.endswith("m") else 1)))
+    limits = {"cpu": cluster.cpu, "memory": cluster.memory}
+    if cluster.gpus_per_worker:
+        limits["nvidia.com/gpu"] = str(cluster.gpus_per_worker)
+    options: dict[str, Any] = {
+        "name": cluster.name,
+        "namespace": cluster.namespace,
+        "image": cluster.image,
+        "n_workers": cluster.min_workers,
+        "resources": {"requests": dict(limits), "limits": limits},
+        "env": {**worker_environment(threads), "MITOSEG_TORCH_THREADS": str(threads)},
+        "shutdown_on_close": True,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+@contextmanager
+def _kubernetes_client(cluster: KubernetesClusterConfig) -> Iterator[Any]:
+    from distributed import Client
+
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as err:
+        raise ConfigError("cluster kind 'kubernetes' needs dask-kubernetes: pip install 'mitoseg[k8s]'") from err
+    kube = KubeCluster(**kubernetes_options(cluster))
+    try:
+        kube.adapt(minimum=cluster.min_workers, maximum=cluster.max_workers)
+        log.info(
+            "kubernetes cluster %s: %d to %d worker pod(s)", cluster.name, cluster.min_workers, cluster.max_workers
+        )
+        client = Client(kube)
+        try:
+            wait_for_workers(client, cluster)
+            yield client
+        finally:
+            client.close()
+    finally:
+        kube.close()
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import dask
 import pytest
@@ -174,3 +175,38 @@ def test_sigterm_in_a_cluster_raises_system_exit_so_that_the_cluster_closes() ->
         assert received == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_kubernetes_cluster_is_made_by_the_operator_and_closed_after_the_run(monkeypatch) -> None:
+    """No Kubernetes here: the operator's KubeCluster is replaced by one that runs its workers in-process, and
+    records what mitoseg asked it for."""
+    import dask_kubernetes.operator
+    from distributed import LocalCluster
+
+    from pipeline.cluster import dask_client
+    from pipeline.config.cluster import KubernetesClusterConfig
+
+    made: list[Any] = []
+
+    class FakeKubeCluster(LocalCluster):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(n_workers=kwargs["n_workers"], processes=False, dashboard_address=None)
+            self.asked, self.adapted = kwargs, None
+            made.append(self)
+
+        def adapt(self, minimum: int | None = None, maximum: int | None = None, **_: Any) -> None:
+            self.adapted = (minimum, maximum)
+
+    monkeypatch.setattr(dask_kubernetes.operator, "KubeCluster", FakeKubeCluster)
+    config = KubernetesClusterConfig(
+        kind="kubernetes", image="registry.example.org/mitoseg:0.1.0", min_workers=1, max_workers=8, gpus_per_worker=1
+    )
+    with dask_client(config) as client:
+        assert client.submit(lambda: 41 + 1).result() == 42
+    kube = made[0]
+    assert kube.adapted == (1, 8) and kube.status.name == "closed"  # the pods go with the run
+    assert kube.asked["image"] == "registry.example.org/mitoseg:0.1.0" and kube.asked["shutdown_on_close"] is True
+    assert kube.asked["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert kube.asked["env"]["MITOSEG_TORCH_THREADS"] == "4" and kube.asked["env"]["MALLOC_MMAP_MAX_"] == "0"
+    with pytest.raises(ValueError, match="min_workers 3 is more than max_workers 2"):
+        KubernetesClusterConfig(kind="kubernetes", image="x:1", min_workers=3, max_workers=2)

@@ -65,6 +65,28 @@ class BatchClusterConfig(_Cluster):
         return self
 
 
+class KubernetesClusterConfig(_Cluster):
+    """Workers as pods of a Dask cluster the dask-kubernetes operator creates for the run and removes after it.
+
+    For a job that itself runs in the cluster with credentials to create `DaskCluster` resources; the nightly
+    `DaskJob` of deploy/kubernetes/ instead hands its client a ready scheduler (`kind: address`)."""
+
+    kind: Literal["kubernetes"]
+    image: str = Field(description="Worker image, pinned (e.g. registry.example.org/mitoseg:0.1.0).")
+    namespace: str | None = Field(None, description="Namespace of the DaskCluster; None = the current one.")
+    name: str = Field("mitoseg", description="Name of the DaskCluster resource.")
+    max_workers: int = Field(1, ge=1, description="Workers at most; the cluster adapts between min_workers and this.")
+    cpu: str = Field("4", description="CPU request and limit of a worker pod, e.g. 4 or 3500m.")
+    memory: str = Field("16Gi", description="Memory request and limit of a worker pod, e.g. 16Gi.")
+    gpus_per_worker: int = Field(0, ge=0, le=1, description="GPUs of a worker pod (nvidia.com/gpu): 0 or 1.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> KubernetesClusterConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} is more than max_workers {self.max_workers}")
+        return self
+
+
 class AddressClusterConfig(_Cluster):
     """A scheduler that is already running (started by hand, by a batch script or by Kubernetes)."""
 
@@ -80,7 +102,11 @@ class SchedulerFileClusterConfig(_Cluster):
 
 
 ClusterConfig = Annotated[
-    LocalClusterConfig | BatchClusterConfig | AddressClusterConfig | SchedulerFileClusterConfig,
+    LocalClusterConfig
+    | BatchClusterConfig
+    | KubernetesClusterConfig
+    | AddressClusterConfig
+    | SchedulerFileClusterConfig,
     Field(discriminator="kind"),
 ]
 
@@ -92,7 +118,7 @@ class ClusterJob(BaseModel):
 
     cluster: ClusterConfig = Field(
         default_factory=LocalClusterConfig,
-        description="Where the Dask workers run (kind: local, slurm, pbs, lsf, address, scheduler_file). "
+        description="Where the Dask workers run (kind: local, slurm, pbs, lsf, kubernetes, address, scheduler_file). "
         "`workers: N` is short for a local cluster of N workers, `scheduler: ADDRESS` for an address cluster.",
     )
     storage: StorageConfig = Field(
