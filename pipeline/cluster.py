@@ -215,28 +215,38 @@ def batch_job_options(cluster: BatchClusterConfig) -> dict[str, Any]:
 
 @contextmanager
 def _batch_client(cluster: BatchClusterConfig) -> Iterator[Any]:
-    from distributed import Client
-
     try:
         import dask_jobqueue
     except ImportError as err:
         raise ConfigError(f"cluster kind {cluster.kind!r} needs dask-jobqueue: pip install 'mitoseg[hpc]'") from err
     classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster"}
     batch = getattr(dask_jobqueue, classes[cluster.kind])(**batch_job_options(cluster))
-    try:
-        minimum = max(cluster.min_jobs, -(-cluster.min_workers // cluster.processes))
-        batch.adapt(minimum_jobs=min(minimum, cluster.max_jobs), maximum_jobs=cluster.max_jobs)
+    minimum = max(cluster.min_jobs, -(-cluster.min_workers // cluster.processes))
+    with _adaptive_client(
+        batch, cluster, minimum_jobs=min(minimum, cluster.max_jobs), maximum_jobs=cluster.max_jobs
+    ) as client:
         log.info(
             "%s cluster: %d to %d job(s) of %d worker(s)", cluster.kind, minimum, cluster.max_jobs, cluster.processes
         )
-        client = Client(batch)
+        yield client
+
+
+@contextmanager
+def _adaptive_client(started: Any, cluster: ClusterConfig, **adapt: int) -> Iterator[Any]:
+    """Make the cluster `started` adaptive and yield a client on it once `min_workers` joined; close both at the
+    end, the cluster also when anything before failed."""
+    from distributed import Client
+
+    try:
+        started.adapt(**adapt)
+        client = Client(started)
         try:
             wait_for_workers(client, cluster)
             yield client
         finally:
             client.close()
     finally:
-        batch.close()
+        started.close()
 
 
 def kubernetes_options(cluster: KubernetesClusterConfig) -> dict[str, Any]:
@@ -260,26 +270,16 @@ def kubernetes_options(cluster: KubernetesClusterConfig) -> dict[str, Any]:
 
 @contextmanager
 def _kubernetes_client(cluster: KubernetesClusterConfig) -> Iterator[Any]:
-    from distributed import Client
-
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError as err:
         raise ConfigError("cluster kind 'kubernetes' needs dask-kubernetes: pip install 'mitoseg[k8s]'") from err
     kube = KubeCluster(**kubernetes_options(cluster))
-    try:
-        kube.adapt(minimum=cluster.min_workers, maximum=cluster.max_workers)
+    with _adaptive_client(kube, cluster, minimum=cluster.min_workers, maximum=cluster.max_workers) as client:
         log.info(
             "kubernetes cluster %s: %d to %d worker pod(s)", cluster.name, cluster.min_workers, cluster.max_workers
         )
-        client = Client(kube)
-        try:
-            wait_for_workers(client, cluster)
-            yield client
-        finally:
-            client.close()
-    finally:
-        kube.close()
+        yield client
 
 
 @contextmanager
