@@ -24,7 +24,7 @@ from pipeline.plan import BlockPlan, common_shard, plan_blocks
 from pipeline.resume import OUTPUT_FORMAT, BlockRecords, job_key, new_output_id, segment_records, state_location
 from pipeline.stitching import PatchGrid
 from pipeline.storage import configure, filesystem, redact
-from pipeline.versions import ORIGINAL, current_location, switch, target_for, unpoint, version_location
+from pipeline.versions import job_location, show_written, unpoint
 from pipeline.volumes import Volume, VolumeMeta, create_volume, open_volume, parse_volume_url, resolve_version
 
 log = logging.getLogger(__name__)
@@ -268,12 +268,9 @@ def prepare(config: SegmentConfig) -> SegmentRun:
 def _show_written_versions(run: SegmentRun) -> None:
     """Switch each output the job names to the version this run completed, if it is not current already."""
     for named, written in zip(run.named, run.outputs, strict=True):
-        location, target = parse_volume_url(named).location, parse_volume_url(written).location
-        if current_location(location) == target:
-            continue
-        name = ORIGINAL if target == location else target.rsplit("/", 1)[-1]
-        switch(location, name)
-        log.info("output %s now shows version %s (earlier versions stay: mitoseg versions list)", redact(named), name)
+        name = show_written(parse_volume_url(named).location, parse_volume_url(written).location)
+        if name is not None:
+            log.info("output %s now shows version %s (earlier versions: mitoseg versions list)", redact(named), name)
 
 
 def _version_for(url: str, key: str, current: Volume, current_id: str, meta: VolumeMeta) -> tuple[Volume, str]:
@@ -283,15 +280,14 @@ def _version_for(url: str, key: str, current: Volume, current_id: str, meta: Vol
     another job's output (`pipeline.versions`)."""
     if current.provenance.get("job_key") == key:
         return current, current_id
-    found = target_for(url, key)
-    if found is not None:
-        log.info("output %s: version %s was written by this same job; going on there", redact(url), found.name)
-        volume = open_volume(f"{str(current.url).split('://', 1)[0]}://{found.location}", mode="r+")
+    location = job_location(url, key)
+    target = f"{str(current.url).split('://', 1)[0]}://{location}"
+    if _something_at(location):  # this job's own earlier version: it goes on there
+        log.info("output %s: version %s was written by this same job; going on there", redact(url), location)
+        volume = open_volume(target, mode="r+")
         return volume, str(volume.provenance.get("output_id") or new_output_id())
     if current.meta.shape != meta.shape:  # other data, not a reprocessing of this output's
         _check_layout(current, meta)
-    location = version_location(parse_volume_url(url).location, key)
-    target = f"{str(current.url).split('://', 1)[0]}://{location}"
     log.info(
         "output %s holds another job's result (%s): writing version %s beside it; the output switches to it when "
         "it is complete",

@@ -106,6 +106,26 @@ def switch(location: str, version: str) -> Pointer:
     return pointer
 
 
+def show_written(location: str, written: str) -> str | None:
+    """Switch the output at `location` to the version stored at `written` unless it is current already; return
+    the name of the version switched to (None when nothing changed)."""
+    written = written.rstrip("/")
+    if current_location(location) == written:
+        return None
+    name = ORIGINAL if written == location.rstrip("/") else written.rsplit("/", 1)[-1]
+    switch(location, name)
+    return name
+
+
+def job_location(url: str, job_key: str) -> str:
+    """Where the job `job_key` writes the output `url` that holds another job's result: its own earlier version,
+    or a new one beside the others."""
+    from pipeline.volumes import parse_volume_url
+
+    found = target_for(url, job_key)
+    return found.location if found is not None else version_location(parse_volume_url(url).location, job_key)
+
+
 def unpoint(location: str) -> None:
     """Remove the pointer of the output at `location`, so that the output location itself is current again
     (before an explicit overwrite of it)."""

@@ -79,13 +79,18 @@ def test_a_second_process_is_refused_naming_the_holder_and_gets_it_after_release
     assert lease.holder() is None
 
 
-def test_only_one_of_several_simultaneous_processes_wins(output: str) -> None:
-    racers = [holder(output) for _ in range(4)]
+def race(output: str, racers: int = 4) -> list[str]:
+    """What each of `racers` processes that try to take the lease at once says first."""
+    started = [holder(output) for _ in range(racers)]
     try:
-        answers = [first_line(p) for p in racers]
+        return [first_line(p) for p in started]
     finally:
-        for p in racers:
+        for p in started:
             finish(p)
+
+
+def test_only_one_of_several_simultaneous_processes_wins(output: str) -> None:
+    answers = race(output)
     assert answers.count("held") == 1, answers
     assert all(a.startswith("refused LeaseHeldError") for a in answers if a != "held")
 
@@ -95,12 +100,7 @@ def test_only_one_of_several_processes_takes_over_an_abandoned_lease(tmp_path: P
     lease.parent.mkdir(parents=True)
     then = time.time() - 1000
     lease.write_text(json.dumps({"owner": "dead", "host": "gone", "pid": 1, "started": then, "heartbeat": then}))
-    racers = [holder(output) for _ in range(4)]
-    try:
-        answers = [first_line(p) for p in racers]
-    finally:
-        for p in racers:
-            finish(p)
+    answers = race(output)
     assert answers.count("held") == 1, answers
     assert not list(lease.parent.glob("*takeover*"))
 

@@ -39,7 +39,7 @@ from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTas
 from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import DoneMarkers, job_key, state_location
 from pipeline.storage import configure, filesystem, redact
-from pipeline.versions import ORIGINAL, current_location, switch, target_for, version_location
+from pipeline.versions import job_location, show_written
 from pipeline.viewing.meshes import MeshResult, add_meshes
 from pipeline.viewing.pyramid import PyramidResult, add_pyramid
 from pipeline.volumes import (
@@ -260,8 +260,7 @@ def _version_for(output: VolumeURL, key: str, meta: VolumeMeta) -> VolumeURL:
     existing = _existing(str(current), meta)
     if existing is None or existing.provenance.get("job_key") == key:
         return current
-    found = target_for(str(output), key)
-    location = found.location if found is not None else version_location(output.location, key)
+    location = job_location(str(output), key)
     log.info("instances: %s holds another job's labels; this job writes version %s beside them", output, key)
     return replace(output, location=location)
 
@@ -374,10 +373,8 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
 def _show_version(job: InstancesJob) -> None:
     """Switch the output the job names to the version it completed, when that is not current already."""
     named = parse_volume_url(job.named_output or job.output_url).location
-    target = parse_volume_url(job.output_url).location
-    if current_location(named) != target:
-        name = ORIGINAL if target == named else target.rsplit("/", 1)[-1]
-        switch(named, name)
+    name = show_written(named, parse_volume_url(job.output_url).location)
+    if name is not None:
         log.info("instances: %s now shows version %s (mitoseg versions list)", job.named_output, name)
 
 
