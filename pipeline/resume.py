@@ -33,7 +33,7 @@ import numpy as np
 from pipeline.errors import StorageError
 from pipeline.storage import filesystem
 
-OUTPUT_FORMAT = 1
+OUTPUT_FORMAT = 2
 """Bump when a change to mitoseg changes the bytes a job writes: records written by older versions are not reused."""
 
 RANGE_BITS = 16

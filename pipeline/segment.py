@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, StorageError
 from pipeline.execution import BlockFailure, RunResult, run_blockwise
-from pipeline.geometry import as_zyx, check_ownership, parse_roi, roi_key
+from pipeline.geometry import Vec3, as_zyx, check_ownership, parse_roi, roi_key
 from pipeline.network.inputs import InputChecks, check_voxel_size
 from pipeline.plan import BlockPlan, common_shard, plan_blocks
 from pipeline.resume import OUTPUT_FORMAT, BlockRecords, job_key, new_output_id, segment_records, state_location
@@ -43,6 +43,9 @@ class NetworkInfo:
     size_divisor: tuple[int, int, int]
     threshold: float
     median_size: int
+    margin: tuple[int, int, int]
+    """Voxels the checkpoint recommends cutting from each side of a patch's prediction (at least `context`)."""
+    overlap: tuple[float, float, float]
 
 
 @dataclass
@@ -95,7 +98,25 @@ def network_info(checkpoint: str) -> NetworkInfo:
         size_divisor=loaded.network.size_divisor,
         threshold=float(loaded.threshold),
         median_size=loaded.median_size,
+        margin=loaded.margin or loaded.network.context,
+        overlap=loaded.overlap,
     )
+
+
+def patch_grid(config: SegmentConfig, net: NetworkInfo, volume_shape: Vec3) -> PatchGrid:
+    """The patch grid a job runs over `volume_shape`: its patch shape, margin and overlap, else the checkpoint's."""
+    patch = tuple(config.patch_shape or net.patch_shape)
+    bad = [p for p, d in zip(patch, net.size_divisor, strict=True) if p % d]
+    if bad:
+        raise ConfigError(f"patch_shape {patch} must be divisible by the network's size divisor {net.size_divisor}")
+    margin = tuple(config.margin or net.margin)
+    if any(m < c for m, c in zip(margin, net.context, strict=True)):
+        raise ConfigError(
+            f"margin {list(margin)} is less than the network's context {list(net.context)}: the network's output "
+            "there is not valid; use a margin of at least the context"
+        )
+    overlap = net.overlap if config.overlap is None else config.overlap
+    return PatchGrid.with_overlap(patch, margin, overlap, volume_shape)  # type: ignore[arg-type]
 
 
 def check_input(source: Volume) -> None:
@@ -175,11 +196,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     check_input(source)
     net = network_info(str(config.checkpoint))
     check_voxel_size(source, config.checkpoint, config.voxel_size_tolerance)
-    patch = tuple(config.patch_shape or net.patch_shape)
-    bad = [p for p, d in zip(patch, net.size_divisor, strict=True) if p % d]
-    if bad:
-        raise ConfigError(f"patch_shape {patch} must be divisible by the network's size divisor {net.size_divisor}")
-    grid = PatchGrid.with_overlap(patch, net.context, config.overlap, source.meta.shape)  # type: ignore[arg-type]
+    grid = patch_grid(config, net, source.meta.shape)
     median = net.median_size if config.median_size is None else config.median_size
     roi = parse_roi(config.roi) if config.roi else source.meta.roi
     out_meta = source.meta.derive(
@@ -206,7 +223,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
     chunks = volumes[0].meta.chunks
     if any(v.meta.chunks != chunks for v in volumes[1:]):
         raise StorageError(f"outputs {outputs} have different chunk shapes; each block must write whole chunks of all")
-    margin = tuple(c + o for c, o in zip(net.context, grid.output_shape, strict=True))
+    margin = tuple(c + o for c, o in zip(grid.context, grid.output_shape, strict=True))
     shards = common_shard(chunks, (v.meta.write_unit for v in volumes))  # whole shards of every sharded output
     plan = plan_blocks(source.meta.shape, chunks, config.block_size, roi, context=margin, shard_shape=shards)
     job = PredictJob(
@@ -218,6 +235,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         blending=config.blending,
         tta=config.tta,
         median_size=median,
+        tile_trim=tuple(m - c for m, c in zip(grid.context, net.context, strict=True)),  # type: ignore[arg-type]
         input_scale=config.input_scale,
         input_checks=InputChecks(config.fill_missing, config.input_range),
     )

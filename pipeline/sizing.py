@@ -39,7 +39,7 @@ class OutputSize:
     files_unsharded: int
     files_sharded: int
     pyramid_files: int
-    """Files of the down-sampled levels (unsharded: one per chunk)."""
+    """Files of the down-sampled levels (one per chunk, or per shard when the output is sharded)."""
     bytes: int
     """Uncompressed voxel bytes, pyramid included; compression makes the stored size smaller."""
 
@@ -55,7 +55,8 @@ class JobSize:
     resume_bytes: int
     voxels: int
     patch_voxels: int
-    """Voxels the network computes: the region times the tile overlap factor times the test-time passes."""
+    """Voxels the network outputs (patch minus its context) over the tiles it computes: every tile once per block
+    it meets, times the test-time passes."""
     workers: int
     device: str
     mvox_per_s: float
@@ -73,17 +74,17 @@ def _cells(roi: Roi, cell: Vec3) -> int:
 
 
 def _pyramid(meta: VolumeMeta, roi: Roi) -> tuple[int, int]:
-    """Files and voxels of the pyramid levels over `roi` (levels are unsharded, one file per chunk)."""
+    """Files and voxels of the pyramid levels over `roi`: one file per chunk, or per shard of a sharded output."""
     from pipeline.viewing.pyramid import pyramid_levels
 
     files = voxels = 0
-    for level in pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm):
+    for level in pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm, shards=meta.shards):
         f = level.total_factor
         scaled = Roi(
             [b // k for b, k in zip(roi.begin, f, strict=True)],
             [-(-e // k) - b // k for b, e, k in zip(roi.begin, roi.end, f, strict=True)],
         )
-        files += _cells(scaled, meta.chunks)
+        files += _cells(scaled, level.shards or meta.chunks)
         voxels += math.prod(scaled.shape)
     return files, voxels
 
@@ -131,13 +132,11 @@ def size_job(
     `device`; `mvox_per_s` replaces the recorded throughput. Loads only the checkpoint's shape facts."""
     from pipeline.network.checkpoint import resolve_checkpoint
     from pipeline.network.tta import variants
-    from pipeline.segment import network_info
-    from pipeline.stitching import PatchGrid
+    from pipeline.segment import network_info, patch_grid
 
     net = network_info(str(resolve_checkpoint(config.checkpoint)))
-    patch = tuple(config.patch_shape or net.patch_shape)
-    grid = PatchGrid.with_overlap(patch, net.context, config.overlap, source.shape)  # type: ignore[arg-type]
-    tiles_per_voxel = math.prod(o / s for o, s in zip(grid.output_shape, grid.stride, strict=True))
+    grid = patch_grid(config, net, source.shape)
+    network_output = math.prod(p - 2 * c for p, c in zip(grid.patch_shape, net.context, strict=True))
     roi = parse_roi(config.roi) if config.roi else source.roi
     voxels = math.prod(roi.shape)
     chunks = tuple(min(c, b) for c, b in zip(config.chunk_size, config.block_size, strict=True))
@@ -174,7 +173,7 @@ def size_job(
         outputs=outputs,
         resume_bytes=plan.num_blocks * RECORD_BYTES,
         voxels=voxels,
-        patch_voxels=int(voxels * tiles_per_voxel * passes),
+        patch_voxels=grid.tiles_computed(roi, plan.block_shape) * network_output * passes,
         workers=workers or planned_workers(config),
         device=device,
         mvox_per_s=rate,

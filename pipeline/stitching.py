@@ -3,7 +3,7 @@
 Every voxel is predicted by the same patches whatever the block partition, worker count or sub-ROI:
 patch positions depend only on the volume's shape, padding only on the volume borders, and the weighted
 sum runs over the patches in global grid order. A block's result therefore equals the same voxels of a
-one-block run. Pure numpy; the network is passed in as a function.
+one-block run. NumPy only; the network is passed in as a function.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from daisy import Roi
 
 from pipeline.errors import GeometryError
 from pipeline.geometry import Vec3
+from pipeline.median_filter import median_filter
 
 Blending = Literal["gaussian", "bump", "constant"]
 
@@ -72,15 +73,24 @@ class PatchGrid:
     def output_shape(self) -> Vec3:
         return tuple(p - 2 * c for p, c in zip(self.patch_shape, self.context, strict=True))  # type: ignore[return-value]
 
+    def _axis_starts_meeting(self, axis: int, begin: int, end: int) -> tuple[int, ...]:
+        """Tile starts along `axis` whose tiles meet [begin, end)."""
+        out = self.output_shape[axis]
+        starts = axis_starts(self.volume_shape[axis], out, self.stride[axis])
+        return starts[bisect.bisect_right(starts, begin - out) : bisect.bisect_left(starts, end)]
+
     def _starts_meeting(self, roi: Roi) -> list[tuple[int, ...]]:
         """Per axis, the tile starts whose tiles meet `roi`."""
-        picked = []
-        for b, e, size, out, stride in zip(
-            roi.begin, roi.end, self.volume_shape, self.output_shape, self.stride, strict=True
-        ):
-            starts = axis_starts(size, out, stride)
-            picked.append(starts[bisect.bisect_right(starts, b - out) : bisect.bisect_left(starts, e)])
-        return picked
+        return [self._axis_starts_meeting(a, b, e) for a, (b, e) in enumerate(zip(roi.begin, roi.end, strict=True))]
+
+    def tiles_computed(self, roi: Roi, block_shape: Vec3) -> int:
+        """Tiles a run over `roi` in blocks of `block_shape` (anchored at the origin) computes: a tile meeting
+        several blocks is computed by each. Counted per axis (O(blocks per axis)), for sizing a job."""
+        total = 1
+        for axis, (b, e, size) in enumerate(zip(roi.begin, roi.end, block_shape, strict=True)):
+            edges = [b, *range((b // size + 1) * size, e, size), e]
+            total *= sum(len(self._axis_starts_meeting(axis, lo, hi)) for lo, hi in itertools.pairwise(edges))
+        return total
 
     def tiles(self, roi: Roi) -> Iterator[Roi]:
         """Output tiles that meet `roi`, in global grid order (the order every block sums them in)."""
@@ -169,6 +179,26 @@ def predict_region(
         norm[in_block] += w
     assert acc is not None  # a non-empty write region always meets at least one tile
     return acc / norm
+
+
+def tile_forward(
+    forward: Callable[[np.ndarray], np.ndarray], median_size: int = 0, trim: Vec3 = (0, 0, 0)
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A tile's probabilities from a patch: `forward` (the network, its context cropped), a `median_size`^3 median
+    filter inside the tile, then `trim` voxels cut from each side.
+
+    Filtering each tile before blending, rather than the blended volume, keeps every tile's result a function of
+    its patch alone: a block needs no prediction beyond its own tiles, so tiles aligned with blocks are computed
+    once. A trim of at least `median_size // 2` cuts the filter's edge, where its window leaves the tile.
+    """
+    if median_size <= 1 and not any(trim):
+        return forward
+
+    def tile(patch: np.ndarray) -> np.ndarray:
+        probs = median_filter(forward(patch), median_size)
+        return probs[(slice(None), *(slice(t, n - t) for t, n in zip(trim, probs.shape[1:], strict=True)))]
+
+    return tile
 
 
 def _local(roi: Roi, frame: Roi) -> tuple[slice, slice, slice]:

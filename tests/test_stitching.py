@@ -14,6 +14,7 @@ from pipeline.stitching import (
     mirror_indices,
     predict_region,
     read_mirrored,
+    tile_forward,
     to_output_dtype,
 )
 
@@ -91,6 +92,29 @@ def test_sub_region_equals_whole_volume_bit_for_bit(sub: Roi) -> None:
     whole = run(volume, Roi((0, 0, 0), (17, 60, 64)), grid)
     part = run(volume, sub, grid)
     assert np.array_equal(whole[(slice(None), *sub.to_slices())], part)
+
+
+def test_tile_forward_filters_each_tile_then_cuts_its_edge() -> None:
+    from pipeline.median_filter import median_filter
+
+    patch = np.random.default_rng(1).random((1, 12, 40, 40)).astype(np.float32)
+    tile = tile_forward(fake_network, median_size=3, trim=(1, 2, 2))(patch)
+    expected = median_filter(fake_network(patch), 3)[:, 1:-1, 2:-2, 2:-2]
+    assert tile.shape == (1, 8, 28, 28) and np.array_equal(tile, expected)
+    assert tile_forward(fake_network) is fake_network  # nothing to add: the network's output as it is
+
+
+@pytest.mark.parametrize("block", [(4, 16, 16), (5, 24, 20), (17, 60, 64), (3, 7, 64)])
+@pytest.mark.parametrize("roi", [Roi((0, 0, 0), (17, 60, 64)), Roi((2, 9, 20), (13, 40, 41))])
+def test_tiles_computed_counts_each_tile_once_per_block_it_meets(block, roi) -> None:
+    grid = PatchGrid.with_overlap((8, 32, 32), (1, 4, 4), 0.25, (17, 60, 64))
+    starts = [range((b // s) * s, e, s) for b, e, s in zip(roi.begin, roi.end, block, strict=True)]
+    counted = 0
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                counted += sum(1 for _ in grid.tiles(Roi((z, y, x), block).intersect(roi)))
+    assert grid.tiles_computed(roi, block) == counted
 
 
 def test_blending_is_a_weighted_average() -> None:

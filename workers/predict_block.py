@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
-from daisy import Block, Roi
+from daisy import Block
 
 from pipeline.errors import StorageError
-from pipeline.median_filter import median_filter, median_margin
 from pipeline.network.inputs import InputChecks
 from pipeline.network.tta import TTAMode
 from pipeline.resume import BlockRecord, Recorded, fingerprint
-from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, to_output_dtype
+from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, tile_forward, to_output_dtype
 from pipeline.volumes import Volume, open_volume
 
 
@@ -34,6 +33,9 @@ class PredictJob:
     blending: Blending = "gaussian"
     tta: TTAMode = "none"
     median_size: int = 0
+    """Median filter of each tile's probabilities (`pipeline.stitching.tile_forward`); 0 = none."""
+    tile_trim: tuple[int, int, int] = (0, 0, 0)
+    """Voxels cut from each side of a tile's prediction beyond the network's context (the grid's margin minus it)."""
     input_scale: int = 0
     """Scale level of the input that `volume_shape` and the outputs' grid are of."""
     input_checks: InputChecks = InputChecks()
@@ -80,20 +82,15 @@ def predict_block(
 
         predictor = worker_predictor(job.network)
     source = _open(job.input_url, "r", job.key, job.input_scale)
-    # a median filter needs predictions around the block: predict a larger region (inside the volume, so the
-    # filter sees what it would see on the whole volume) and keep the block
-    margin = median_margin(job.median_size)
-    region = block.write_roi.grow((margin,) * 3, (margin,) * 3).intersect(Roi((0, 0, 0), job.volume_shape))
-    read_roi = job.grid.read_roi(region)
+    read_roi = job.grid.read_roi(block.write_roi)
     read = read_mirrored(job.input_checks.reader(source), read_roi, job.volume_shape)
     record = BlockRecord(f"{job.key}/{getattr(predictor, 'device_class', 'other')}", fingerprint(read))
     if previous == record:
         return Recorded(0, record, unchanged=True)
     raw = job.input_checks.scale(read, source, read_roi)
     patch_fn = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
-    probs = median_filter(predict_region(raw, read_roi, region, job.grid, patch_fn, job.blending), job.median_size)
-    inner = block.write_roi - region.offset
-    probs = probs[(slice(None), *inner.to_slices())]
+    tile_fn = tile_forward(patch_fn, job.median_size, job.tile_trim)
+    probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending)
     data = to_output_dtype(probs, job.output_dtype)
     for n, url in enumerate(job.output_urls):
         _output(url, job.output_ids[n] if job.output_ids else "").write(block.write_roi, data)

@@ -22,6 +22,28 @@ Median = Annotated[
 Threshold = Annotated[
     float | None, typer.Option("--threshold", help="Decision threshold to record (strictly between 0 and 1).")
 ]
+PatchShape = Annotated[str | None, typer.Option("--patch-shape", help="Inference patch Z,Y,X to record.")]
+Margin = Annotated[
+    str | None, typer.Option("--margin", help="Voxels Z,Y,X cut from each side of a patch's prediction to record.")
+]
+Overlap = Annotated[str | None, typer.Option("--overlap", help="Tile overlap Z,Y,X (fractions) to record.")]
+
+
+def _recommendations(
+    median_size: int | None, threshold: float | None, patch: str | None, margin: str | None, overlap: str | None
+) -> dict[str, object]:
+    """The inference settings given on the command line, as `export_checkpoint` takes them."""
+
+    def axes(text: str | None, kind: type) -> list | None:
+        return None if text is None else [kind(v) for v in text.split(",")]
+
+    return {
+        "median_size": median_size,
+        "threshold": threshold,
+        "patch_shape": axes(patch, int),
+        "margin": axes(margin, int),
+        "overlap": axes(overlap, float),
+    }
 
 
 @app.command()
@@ -59,12 +81,17 @@ def export(
     target: Annotated[Path, typer.Argument(help="Where to write the small checkpoint (.pt).")],
     median_size: Median = None,
     threshold: Threshold = None,
+    patch_shape: PatchShape = None,
+    margin: Margin = None,
+    overlap: Overlap = None,
 ) -> None:
-    """Copy a checkpoint without optimizer state and projection head (small, for shipping)."""
+    """Copy a checkpoint without optimizer state and projection head (small, for shipping), recording the inference
+    settings given."""
     from pipeline.network.checkpoint import export_checkpoint
 
+    recommend = _recommendations(median_size, threshold, patch_shape, margin, overlap)
     try:
-        digest = export_checkpoint(source, target, median_size=median_size, threshold=threshold)
+        digest = export_checkpoint(source, target, **recommend)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     typer.echo(f"wrote {target} (content hash {digest})")
@@ -76,12 +103,16 @@ def average(
     output: Annotated[Path, typer.Option("--output", help="Where to write the averaged checkpoint (.pt).")],
     median_size: Median = None,
     threshold: Threshold = None,
+    patch_shape: PatchShape = None,
+    margin: Margin = None,
+    overlap: Overlap = None,
 ) -> None:
     """Average the weights of several checkpoints of one network (a "model soup") into one small checkpoint."""
     from pipeline.network.checkpoint import average_checkpoints
 
+    recommend = _recommendations(median_size, threshold, patch_shape, margin, overlap)
     try:
-        digest = average_checkpoints(sources, output, median_size=median_size, threshold=threshold)
+        digest = average_checkpoints(sources, output, **recommend)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     typer.echo(f"wrote {output}: the average of {len(sources)} checkpoint(s) (content hash {digest})")

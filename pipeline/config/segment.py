@@ -59,11 +59,16 @@ class SegmentConfig(ClusterJob):
         "sharding, precomputed sharded) instead of one per chunk; blocks must be whole shards. None = unsharded.",
     )
     patch_shape: Vec3 | None = Field(None, description="Network input patch (z, y, x); the checkpoint's when absent.")
-    overlap: tuple[Fraction, Fraction, Fraction] = Field(
-        (0.25, 0.25, 0.25),
-        description="Fraction by which neighbouring output tiles overlap: one for every axis, or (z, y, x). A denser "
-        "z stride (e.g. [0.75, 0.25, 0.25]) averages each voxel over tiles at several depths, so the result depends "
-        "less on where tiles fall, with 3 times the tiles along z (1.4-2.5x the time measured on Lucchi).",
+    margin: Vec3 | None = Field(
+        None,
+        description="Voxels (z, y, x) cut from each side of every patch's prediction before blending: at least the "
+        "network's context, plus half the median size to cut the filter's edge. None = the checkpoint's.",
+    )
+    overlap: tuple[Fraction, Fraction, Fraction] | None = Field(
+        None,
+        description="Fraction by which neighbouring output tiles overlap: one for every axis, or (z, y, x). 0 computes "
+        "each voxel once; a denser z stride (e.g. [0.75, 0.25, 0.25]) averages each voxel over tiles at several "
+        "depths at several times the cost. None = the checkpoint's recommendation (0.25 if it records none).",
     )
     blending: Literal["gaussian", "bump", "constant"] = Field("gaussian", description="Weights across a tile.")
     tta: TTAMode = Field(
@@ -72,10 +77,10 @@ class SegmentConfig(ClusterJob):
     median_size: int | None = Field(
         None,
         ge=0,
-        description="Median-filter the mitochondrion probabilities over a cube of this many voxels (odd; 0 = off) "
-        "before writing: smoother boundaries, less speckle. Blocks predict size // 2 extra voxels on each side "
-        "for it, so the result does not depend on the block size. None = the checkpoint's recommendation "
-        "(none unless the checkpoint records one).",
+        description="Median-filter the mitochondrion probabilities of each tile over a cube of this many voxels "
+        "(odd; 0 = off) before blending: smoother boundaries, less speckle; a function of the tile alone, so the "
+        "result does not depend on the block size. None = the checkpoint's recommendation (none unless the "
+        "checkpoint records one).",
     )
     output_dtype: Literal["uint8", "float16", "float32"] = Field(
         "uint8", description="uint8 stores probability x 255; float16/float32 store the probability."

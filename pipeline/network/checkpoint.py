@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from pipeline.network.model import ResUNet
 
 FORMAT = "mitoseg-checkpoint"
+DEFAULT_OVERLAP = (0.25, 0.25, 0.25)
+"""The tile overlap of checkpoints that recommend none (those written before checkpoints recorded one)."""
+INFERENCE_KEYS = ("threshold", "patch_shape", "margin", "overlap", "median_size")
+"""The inference settings a checkpoint recommends: what `segment` uses where its job gives none."""
 VERSION = 1
 _TRAINING_ONLY = ("projection.",)
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
@@ -94,9 +98,10 @@ def save_checkpoint(
     """Write a checkpoint atomically and return its content hash.
 
     `voxel_size_nm` (z, y, x) is the voxel size the network was trained at: `segment` refuses inputs far from it
-    (None records none). Recognised extras: `threshold` (float), `patch_shape` (z, y, x), `median_size` (odd int,
-    0 = none: the median filter `segment` applies by default), `metadata` (JSON-able dict with the
-    training config, step and scores), and for resuming `optimizer`, `scheduler`, `step`, `rng`.
+    (None records none). Recognised extras: the inference settings `segment` uses by default (`threshold` float,
+    `patch_shape`, `margin` and `overlap` (z, y, x), `median_size` odd int or 0: `INFERENCE_KEYS`),
+    `metadata` (JSON-able dict with the training config, step and scores), and for resuming `optimizer`,
+    `scheduler`, `step`, `rng`.
     """
     path = Path(path)
     if voxel_size_nm is not None:
@@ -133,6 +138,10 @@ class LoadedCheckpoint:
     median_size: int = 0
     voxel_size_nm: tuple[float, float, float] | None = None  # (z, y, x) the network was trained at; None: unknown
     payload: dict[str, Any] = field(repr=False, default_factory=dict)
+    margin: tuple[int, int, int] | None = None
+    """Voxels cut from each side of every patch's prediction before blending; None: the network's context."""
+    overlap: tuple[float, float, float] = DEFAULT_OVERLAP
+    """Fraction by which neighbouring output tiles overlap, per axis."""
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
@@ -197,6 +206,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     median = payload.get("median_size", 0)
     if not isinstance(median, int) or median < 0 or (median and median % 2 == 0):
         raise ModelLoadError(f"checkpoint {path} recommends median size {median!r}, not 0 or odd; export it again")
+    margin = payload.get("margin")
+    context = network.context
+    if margin is not None and (len(margin) != 3 or any(int(m) < c for m, c in zip(margin, context, strict=True))):
+        raise ModelLoadError(
+            f"checkpoint {path} recommends margin {margin}, less than the network's context {context}; "
+            "export it again with a margin of at least the context"
+        )
+    overlap = tuple(float(f) for f in payload.get("overlap", DEFAULT_OVERLAP))
+    if len(overlap) != 3 or not all(0 <= f < 1 for f in overlap):
+        raise ModelLoadError(f"checkpoint {path} recommends overlap {list(overlap)}, not 3 fractions in [0, 1)")
     try:
         metadata = json.loads(payload.get("metadata", "{}"))
     except (TypeError, json.JSONDecodeError) as err:
@@ -212,6 +231,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         median_size=median,
         voxel_size_nm=None if voxel is None else _voxel_size(voxel, path),
         payload=payload,
+        margin=None if margin is None else tuple(int(m) for m in margin),  # type: ignore[arg-type]
+        overlap=overlap,
     )
 
 
@@ -236,45 +257,57 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
         "median_size": loaded.median_size,
         "voxel_size_nm": None if loaded.voxel_size_nm is None else list(loaded.voxel_size_nm),
         "patch_shape": list(loaded.patch_shape),
+        "margin": list(loaded.margin or loaded.network.context),
+        "overlap": list(loaded.overlap),
         "out_channels": loaded.network_config.out_channels,
         "network_config": loaded.network_config.model_dump(mode="json"),
         "training": training,
     }
 
 
-def export_checkpoint(
-    source: str | Path, target: str | Path, median_size: int | None = None, threshold: float | None = None
-) -> str:
+def export_checkpoint(source: str | Path, target: str | Path, **recommend: Any) -> str:
     """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
 
-    `median_size` records the median filter `segment` applies by default and `threshold` the decision threshold
-    (measure both with experiments/postprocess.py, e.g. for a run trained where its validation data was not);
-    None keeps the source's. Neither changes the content hash, which covers config and weights.
+    `recommend` records inference settings `segment` uses by default (`INFERENCE_KEYS`: e.g. the median size
+    and threshold measured with experiments/postprocess.py, or the patch, margin and overlap measured with
+    experiments/inference/settings.py, all on data the run was not trained on); unnamed ones keep the source's.
+    None of them changes the content hash, which covers config and weights.
     """
-    return average_checkpoints([source], target, median_size=median_size, threshold=threshold)
+    return average_checkpoints([source], target, **recommend)
 
 
-def average_checkpoints(
-    sources: Sequence[str | Path],
-    target: str | Path,
-    median_size: int | None = None,
-    threshold: float | None = None,
-) -> str:
+def check_recommendations(recommend: dict[str, Any], target: str | Path) -> dict[str, Any]:
+    """`recommend` without its None values, refused (ValueError naming `target`) where a value cannot work."""
+    given = {k: v for k, v in recommend.items() if v is not None}
+    unknown = sorted(set(given) - set(INFERENCE_KEYS))
+    if unknown:
+        raise ValueError(f"{target}: {unknown} are not inference settings; a checkpoint records {INFERENCE_KEYS}")
+    threshold, median = given.get("threshold"), given.get("median_size")
+    if threshold is not None and not 0 < threshold < 1:
+        raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
+    if median is not None and (median < 0 or median % 2 == 0 and median):
+        raise ValueError(f"median size {median} for {target}: give an odd size (a centre voxel), or 0 for none")
+    for key in ("patch_shape", "margin", "overlap"):
+        if key in given:
+            if len(given[key]) != 3:
+                raise ValueError(f"{key} {given[key]} for {target}: give one value per axis (z, y, x)")
+            given[key] = [float(v) if key == "overlap" else int(v) for v in given[key]]
+    return given
+
+
+def average_checkpoints(sources: Sequence[str | Path], target: str | Path, **recommend: Any) -> str:
     """Write the uniform average of the inference weights of `sources` (a "model soup", Wortsman et al. 2022),
     small as `export_checkpoint` writes it, and return its content hash.
 
     Meant for checkpoints of one network fine-tuned from the same start (weights of unrelated runs do not
     average into a working network); every source must hold the same network config. Floating-point tensors,
-    batch-norm statistics included, are averaged; integer buffers come from the first source, as do the patch
-    shape and voxel size, and the threshold and median size unless given. One source is a plain export (its step and
-    metadata kept).
+    batch-norm statistics included, are averaged; integer buffers come from the first source, as do the voxel size
+    and the inference settings not given in `recommend` (see `export_checkpoint`). One source is a plain export
+    (its step and metadata kept).
     """
     if not sources:
         raise ValueError(f"no checkpoints to write into {target}: give at least one source")
-    if threshold is not None and not 0 < threshold < 1:
-        raise ValueError(f"threshold {threshold} for {target}: give a probability strictly between 0 and 1")
-    if median_size is not None and (median_size < 0 or median_size % 2 == 0 and median_size):
-        raise ValueError(f"median size {median_size} for {target}: give an odd size (a centre voxel), or 0 for none")
+    given = check_recommendations(recommend, target)
     payloads = [read_payload(source) for source in sources]
     cfg = NetworkConfig.model_validate_json(payloads[0]["network_config"])
     for source, payload in zip(sources[1:], payloads[1:], strict=True):
@@ -291,15 +324,8 @@ def average_checkpoints(
         if value.is_floating_point() and len(payloads) > 1:
             value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
         state[key] = value
-    extra: dict[str, Any] = {
-        k: payloads[0][k]
-        for k in ("threshold", "patch_shape", "median_size", "voxel_size_nm", "step")
-        if k in payloads[0]
-    }
-    if median_size is not None:
-        extra["median_size"] = median_size
-    if threshold is not None:
-        extra["threshold"] = threshold
+    extra: dict[str, Any] = {k: payloads[0][k] for k in (*INFERENCE_KEYS, "voxel_size_nm", "step") if k in payloads[0]}
+    extra.update(given)
     if len(payloads) == 1:
         extra["metadata"] = json.loads(payloads[0].get("metadata", "{}"))
     else:

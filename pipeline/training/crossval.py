@@ -192,7 +192,6 @@ def predict_fold(plan: FoldPlan, checkpoint: Path, medians: list[int], overlap: 
     one per median size, predicted as `segment` runs `checkpoint` (its patch shape, `overlap`)."""
     import torch
 
-    from pipeline.median_filter import median_filter
     from pipeline.network.checkpoint import load_checkpoint
     from pipeline.training.validate import predict_volume
 
@@ -202,12 +201,21 @@ def predict_fold(plan: FoldPlan, checkpoint: Path, medians: list[int], overlap: 
     for held in plan.held_out:
         source = _with_regions(held.source, None, held.read)
         region = load_regions(DataConfig(volumes=[source]), "validation")[0]
-        prob = predict_volume(loaded.network, region.raw, loaded.patch_shape, loaded.network.context, overlap, device)
         rows = slice(held.slab[0] - held.read[0], held.slab[1] - held.read[0])
         label = region.label[rows]
         annotated = label != IGNORE
-        for size in medians:
-            tuners[size].update(median_filter(prob, size)[0, rows], label, None if annotated.all() else annotated)
+        for size in medians:  # the median filters each tile, so each size is a prediction of its own
+            prob = predict_volume(
+                loaded.network,
+                region.raw,
+                loaded.patch_shape,
+                loaded.network.context,
+                overlap,
+                device,
+                margin=loaded.margin,
+                median_size=size,
+            )
+            tuners[size].update(prob[0, rows], label, None if annotated.all() else annotated)
     return tuners
 
 

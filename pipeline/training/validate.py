@@ -11,7 +11,7 @@ from pipeline.evaluation import SemanticCounts, count
 from pipeline.network.inputs import scale_input
 from pipeline.network.model import ResUNet
 from pipeline.network.tta import TTAMode, predict_probabilities
-from pipeline.stitching import PatchGrid, predict_region, read_mirrored
+from pipeline.stitching import PatchGrid, predict_region, read_mirrored, tile_forward
 from pipeline.training.data import LabelledRegion
 from pipeline.training.targets import IGNORE
 
@@ -24,24 +24,29 @@ def predict_volume(
     raw: np.ndarray,
     patch_shape: tuple[int, int, int],
     context: tuple[int, int, int],
-    overlap: float = 0.25,
+    overlap: float | tuple[float, float, float] = 0.25,
     device: torch.device | str = "cpu",
     tta: TTAMode = "none",
+    margin: tuple[int, int, int] | None = None,
+    median_size: int = 0,
 ) -> np.ndarray:
     """Probabilities (K, Z, Y, X) of a uint8 (Z, Y, X) volume in memory, predicted as `segment` predicts a volume
-    (its patch grid, mirror padding and Gaussian blending; `pipeline.stitching`), with test-time augmentation
-    `tta`. The network must be in eval mode."""
-    grid = PatchGrid.with_overlap(patch_shape, context, overlap, raw.shape)
+    (its patch grid, mirror padding, each tile median-filtered and cut to `margin` (default: the network's
+    `context`), Gaussian blending; `pipeline.stitching`), with test-time augmentation `tta`. The network must be
+    in eval mode."""
+    margin = margin or context
+    grid = PatchGrid.with_overlap(patch_shape, margin, overlap, raw.shape)
     whole = Roi((0, 0, 0), raw.shape)
     read_roi = grid.read_roi(whole)
     padded = read_mirrored(lambda roi: raw[None][(slice(None), *roi.to_slices())], read_roi, raw.shape)
-    crop = (slice(None), *(slice(c, c + o) for c, o in zip(context, grid.output_shape, strict=True)))
+    crop = (slice(None), *(slice(c, p - c) for c, p in zip(context, patch_shape, strict=True)))
 
     def forward(patch: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(scale_input(patch))[None].to(device)
         return predict_probabilities(network, tensor, tta)[0].cpu().numpy()[crop]
 
-    return predict_region(padded, read_roi, whole, grid, forward)
+    trim = tuple(m - c for m, c in zip(margin, context, strict=True))
+    return predict_region(padded, read_roi, whole, grid, tile_forward(forward, median_size, trim))  # type: ignore[arg-type]
 
 
 class ThresholdTuner:
@@ -95,19 +100,26 @@ def score_checkpoint(
     path: str,
     raw: np.ndarray,
     label: np.ndarray,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     threshold: float | None = None,
     tta: TTAMode = "none",
     median_size: int | None = None,
 ) -> dict[str, float]:
     """Scores of a checkpoint on a (raw, label) volume, predicted as `segment` runs it: its recommended patch
-    shape, Gaussian blending, test-time augmentation `tta`, a `median_size` median filter (the checkpoint's
-    recommendation unless given) and its threshold unless given."""
-    from pipeline.median_filter import median_filter
+    shape, margin and overlap (unless given), Gaussian blending, test-time augmentation `tta`, a `median_size`
+    median filter in each tile and its threshold (the checkpoint's recommendations unless given)."""
     from pipeline.network.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
-    prob = predict_volume(loaded.network, raw, loaded.patch_shape, loaded.network.context, overlap, tta=tta)
-    prob = median_filter(prob, loaded.median_size if median_size is None else median_size)
+    prob = predict_volume(
+        loaded.network,
+        raw,
+        loaded.patch_shape,
+        loaded.network.context,
+        loaded.overlap if overlap is None else overlap,
+        tta=tta,
+        margin=loaded.margin,
+        median_size=loaded.median_size if median_size is None else median_size,
+    )
     cut = loaded.threshold if threshold is None else threshold
     return {**count(prob[0] >= cut, label > 0).scores(), "threshold": cut}
