@@ -1,4 +1,5 @@
-"""`mitoseg view` in a real browser: headless Chromium loads every layer of a demo-like output.
+"""`mitoseg view` in a real browser: headless Chromium loads and draws every layer of a demo-like output, unsharded
+and sharded (zarr v3 sharding, precomputed sharded).
 
 Needs Debian's `chromium` and `chromium-driver` (installed by `.ci/install-chromium`) and the `selenium`
 package; skips with the reason otherwise. The screenshot is saved as `neuroglancer.png` in the test's
@@ -53,6 +54,9 @@ return {
   statusMessages: Array.from(document.querySelectorAll('.neuroglancer-status')).map(e => e.innerText),
 };
 """
+SHOW_ONLY_JS = "window.viewer.layerManager.managedLayers.forEach(l => l.setVisible(l.name === arguments[0]));"
+EMPTY_PANEL_GREY = 128
+"""What Neuroglancer's cross-section panels show where no layer draws."""
 
 
 def _executable(*names: str) -> str:
@@ -82,35 +86,41 @@ def driver(tmp_path: Path) -> Iterator[Any]:
         browser.quit()
 
 
-def _demo_outputs(out: Path, client: Any) -> tuple[list[str], int]:
+def _demo_outputs(out: Path, client: Any, sharded: bool = False) -> tuple[list[str], int]:
     """The demo's layout: its synthetic input (a plain zarr array), probabilities as OME-Zarr and precomputed,
-    instances in both formats; outputs with pyramids, instances with meshes and segment properties."""
+    instances in both formats; outputs with pyramids, instances with meshes and segment properties.
+
+    `sharded`: every output (and its pyramid) in shards of 1 x 2 x 2 chunks, zarr as v3, 8 shards at scale 0."""
     from scipy import ndimage
 
     from pipeline.synthetic import generate_volume, write_volume_zarr
     from pipeline.viewing.meshes import add_meshes
     from pipeline.viewing.pyramid import add_pyramid
-    from pipeline.volumes import VolumeMeta, create_volume
+    from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
     raw, mask = generate_volume((32, 128, 128), seed=3)
     write_volume_zarr(out / "em.zarr", raw, mask, resolution_nm=(5.0, 5.0, 5.0))
     labels, count = ndimage.label(mask)
     smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
     probs = np.stack([smooth, np.clip(4 * ndimage.gaussian_gradient_magnitude(smooth, 1.0), 0, 1)])
-    meta = VolumeMeta(shape=raw.shape, dtype=np.dtype(np.uint8), chunks=(16, 64, 64), voxel_size_nm=(5.0, 5.0, 5.0))
+    chunks, shards = ((16, 32, 32), (16, 64, 64)) if sharded else ((16, 64, 64), None)
+    meta = VolumeMeta(shape=raw.shape, dtype=np.dtype(np.uint8), chunks=chunks, voxel_size_nm=(5.0, 5.0, 5.0))
+    zarr = "zarr3" if sharded else "zarr"
     outputs = [
-        f"zarr://file://{out}/prediction.zarr/probs",
+        f"{zarr}://file://{out}/prediction.zarr/probs",
         f"precomputed://file://{out}/prediction_precomputed",
         f"precomputed://file://{out}/instances",
-        f"zarr://file://{out}/prediction.zarr/instances",
+        f"{zarr}://file://{out}/prediction.zarr/instances",
     ]
     for url in outputs[:2]:
-        create_volume(url, meta.derive(num_channels=2)).write(meta.roi, np.rint(probs * 255).astype(np.uint8))
+        probs_meta = meta.derive(num_channels=2, shards=shards)
+        create_volume(url, probs_meta).write(meta.roi, np.rint(probs * 255).astype(np.uint8))
     for url in outputs[2:]:
-        labels_meta = meta.derive(dtype=np.uint64, layer_type="segmentation")
+        labels_meta = meta.derive(dtype=np.uint64, layer_type="segmentation", shards=shards)
         create_volume(url, labels_meta).write(meta.roi, labels[None].astype(np.uint64))
     for url in outputs:
         assert add_pyramid(client, url, min_chunks_across=1, progress=False).ok
+        assert open_volume(url, scale=1).meta.shards == (shards and (16, 64, 64)), url  # its levels sharded too
     for url in outputs[2:]:
         assert add_meshes(client, url, progress=False).ok
     urls = [str(out / "em.zarr" / "raw"), *outputs]
@@ -164,19 +174,35 @@ def _wait_until_loaded(driver: Any, segments: bool = True, timeout_s: float = 90
     pytest.fail(f"Neuroglancer did not finish loading in {timeout_s} s; last state: {state}")
 
 
-def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, client: Any, tmp_path: Path) -> None:
+def _xy_panel(driver: Any, path: Path) -> np.ndarray:
+    """A screenshot saved at `path`, cut to the top-left (xy) panel of the 4-panel layout, as (y, x, RGB) ints."""
     from PIL import Image
 
-    urls, objects = _demo_outputs(tmp_path / "demo", client)
+    driver.save_screenshot(str(path))
+    return np.asarray(Image.open(path).convert("RGB"))[60:380, 20:500].astype(int)
+
+
+def _drawn_alone(driver: Any, name: str, path: Path) -> float:
+    """The fraction of the xy panel that layer `name` draws when it is the only one shown (chunks already loaded)."""
+    driver.execute_script(SHOW_ONLY_JS, name)
+    _wait_until_loaded(driver, segments=False)
+    time.sleep(0.5)  # let the frame without the other layers be drawn
+    return float((np.abs(_xy_panel(driver, path) - EMPTY_PANEL_GREY).max(axis=-1) > 40).mean())
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, client: Any, tmp_path: Path, sharded: bool) -> None:
+    urls, objects = _demo_outputs(tmp_path / "demo", client, sharded)
+    names = ["raw", "probs", "prediction_precomputed", "instances", "instances_2"]
     with _mitoseg_view(urls) as url:
         driver.get(url)
         state = _wait_until_loaded(driver)
         time.sleep(1)  # let the last frame with all chunks be drawn
         screenshot = tmp_path / "neuroglancer.png"
-        driver.save_screenshot(str(screenshot))
+        panel = _xy_panel(driver, screenshot)
         state = driver.execute_script(LAYER_STATE_JS)
+        drawn = {name: _drawn_alone(driver, name, tmp_path / f"{name}.png") for name in names[1:]}
 
-    names = ["raw", "probs", "prediction_precomputed", "instances", "instances_2"]
     assert [layer["name"] for layer in state["layers"]] == names
     errors = [(layer["name"], s) for layer in state["layers"] for s in layer["sources"] if s != "ok"]
     assert not errors, f"data sources failed to load: {errors}"
@@ -184,9 +210,10 @@ def test_mitoseg_view_loads_every_layer_in_chromium(driver: Any, client: Any, tm
     listed = [re.search(r"(\d+) vis/(\d+) total", text) for text in state["segmentStatus"]]
     assert listed and listed[0] and int(listed[0].group(2)) == objects, state["segmentStatus"]
     assert state["dimensions"] == ["x", "y", "z"], state["dimensions"]
-    panel = np.asarray(Image.open(screenshot).convert("RGB"))[60:380, 20:500].astype(int)  # top-left: xy
     grey = panel[(np.ptp(panel, axis=-1) < 8)][:, 0]
     assert len(np.unique(grey)) > 50, f"no EM texture in the xy panel; see {screenshot}"
+    # every output draws its data: mitochondria cover about a fifth of the panel (an empty one: its axis lines)
+    assert all(fraction > 0.05 for fraction in drawn.values()), f"{drawn}; see the layers' png in {tmp_path}"
 
 
 def _first_bright_column(driver: Any, path: Path) -> int:

@@ -1,5 +1,5 @@
-"""Sharded outputs (zarr v3 sharding, precomputed sharded): same voxels as unsharded ones, far fewer files, and
-layouts that blocks cannot write safely are refused."""
+"""Sharded outputs (zarr v3 sharding, precomputed sharded) of segment and instances, with their pyramids: same
+voxels as unsharded ones, far fewer files, and layouts that blocks cannot write safely are refused."""
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import em_like, write_raw
 from daisy import Roi
+from pydantic import ValidationError
 
+from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import GeometryError, StorageError
 from pipeline.geometry import grid_shape, morton_box
+from pipeline.instances.run import block_shape_for, prepare_instances, run_instances
 from pipeline.plan import plan_blocks
+from pipeline.viewing.pyramid import downsample
 from pipeline.volumes import VolumeMeta, create_volume, open_volume
 
 SHAPE = (16, 48, 40)
@@ -131,6 +136,9 @@ def test_sharded_segment_outputs_equal_unsharded_ones_bit_for_bit(tmp_path: Path
         volume = open_volume(url)
         assert volume.meta.shards == (16, 32, 32)
         assert np.array_equal(volume.read(volume.meta.roi), expected), url
+        level = open_volume(url, scale=1)  # the pyramid (x, y halved) is sharded like scale 0
+        assert level.meta.shards == (16, 32, 32)
+        assert np.array_equal(level.read(level.meta.roi), downsample(expected, (1, 2, 2), "mean")), url
     assert np.array_equal(open_volume(f"precomputed://{tmp_path}/plain_p").read(Roi((0, 0, 0), (16, 64, 64))), expected)
     key = json.loads((tmp_path / "sharded_p" / "info").read_text())["scales"][0]["key"]
     assert files_under(tmp_path / "sharded_p" / key) == 4 < files_under(tmp_path / "plain_p" / key)  # 4 shards
@@ -150,3 +158,66 @@ def test_a_precomputed_shard_past_the_volume_end_is_the_whole_axis(tmp_path: Pat
     volume.write(block.write_roi, data)
     assert np.array_equal(open_volume(f"precomputed://{tmp_path}/v").read(meta.roi), data)
     assert files_under(tmp_path / "v" / volume.cv.key) == 1
+
+
+def _mask_probabilities(tmp_path: Path) -> str:
+    """A one-channel uint8 probability volume over SHAPE in META's chunks: smooth blobs crossing every block face."""
+    url = f"{tmp_path}/probs.zarr"
+    meta = META.derive(num_channels=1)
+    create_volume(url, meta).write(meta.roi, em_like(SHAPE, seed=1)[None])
+    return url
+
+
+def test_sharded_instance_labels_and_their_pyramids_equal_unsharded_ones_bit_for_bit(
+    client: Any, tmp_path: Path
+) -> None:
+    source = _mask_probabilities(tmp_path)
+    plain, sharded = f"zarr3://{tmp_path}/plain.zarr", [f"zarr3://{tmp_path}/s.zarr", f"precomputed://{tmp_path}/s"]
+    decode = DecodeConfig(threshold=0.6, seed_threshold=0, min_size=0)  # 27 objects, many across blocks
+    for url in (plain, *sharded):
+        shards = None if url == plain else (8, 16, 16)
+        cfg = InstancesConfig(
+            input=source, output=url, block_size=(16, 32, 32), shard_size=shards, dtype="uint32", decode=decode,
+            viewing=url != plain,  # the sharded labels' pyramid against a whole-array oracle of the plain labels
+        )  # fmt: skip
+        result = run_instances(cfg, client, progress=False)
+        assert result.ok and result.num_objects == 27 and result.equivalences > 0, result.failures
+        assert result.pyramid is not None or url == plain
+    expected = [open_volume(plain).read(META.roi)]
+    assert open_volume(plain).meta.shards is None and expected[0].max() == 27
+    levels = result.pyramid.levels if result.pyramid else []
+    for level in levels:
+        expected.append(downsample(expected[-1], level.factor, "mode", level.phase))
+    for url in sharded:
+        for scale, shards in enumerate([(8, 16, 16), (8, 16, 16), (4, 16, 16)]):  # s2: 1 x 2 x 2 chunks, clipped
+            volume = open_volume(url, scale=scale)
+            assert volume.meta.shards == shards and volume.meta.dtype == np.uint32, (url, scale)
+            assert np.array_equal(volume.read(volume.meta.roi), expected[scale]), (url, scale)
+    key = open_volume(sharded[1]).cv.key
+    assert files_under(tmp_path / "s" / key) == int(np.prod(grid_shape(SHAPE, (8, 16, 16)))) == 18  # 120 chunks
+
+
+@pytest.mark.parametrize(
+    ("output", "settings", "error", "pattern"),
+    [
+        ("zarr3://{}/l.zarr", {"shard_size": (6, 16, 16)}, GeometryError,
+         r"shard_size \(6, 16, 16\) is not a whole number of output chunks"),
+        ("zarr3://{}/l.zarr", {"shard_size": (8, 16, 16), "block_size": (8, 16, 8)}, GeometryError,
+         r"block_size \(8, 16, 8\) is not a whole number of output shards \(shard_size\)"),
+        ("precomputed://{}/l", {"shard_size": (4, 16, 8), "block_size": (4, 16, 8)}, GeometryError, "Morton order"),
+        ("zarr2://{}/l.zarr", {"shard_size": (8, 16, 16)}, StorageError, "zarr v2 has no sharding"),
+        ("zarr3://{}/l.zarr", {"shard_size": (0, 16, 16)}, ValidationError, "shard_size must be three positive"),
+    ],
+)  # fmt: skip
+def test_impossible_label_shards_are_refused_before_any_work(
+    tmp_path: Path, output: str, settings: dict, error: type, pattern: str
+) -> None:
+    source = _mask_probabilities(tmp_path)
+    with pytest.raises(error, match=pattern):
+        prepare_instances(InstancesConfig(input=source, output=output.format(tmp_path), **settings))
+    assert not (tmp_path / "l").exists() and not (tmp_path / "l.zarr").exists()
+
+
+def test_the_default_instance_block_is_whole_shards() -> None:
+    assert block_shape_for(InstancesConfig(shard_size=(24, 96, 96)), (4, 8, 8)) == (72, 288, 288)
+    assert block_shape_for(InstancesConfig(), (4, 8, 8)) == (64, 256, 256)

@@ -36,6 +36,13 @@ def test_levels_on_the_absolute_grid_of_an_offset_volume() -> None:
     assert levels[1:] == [Level(2, (2, 2, 2), (4, 4, 4), (1, 2, 2), voxel_offset=(0, 0, 0), phase=(0, 1, 1))]
 
 
+def test_levels_of_a_sharded_volume_keep_the_shard_shape_clipped_to_whole_chunks() -> None:
+    levels = pyramid_levels((32, 96, 96), (8, 16, 16), (1.0, 1.0, 1.0), min_chunks_across=1, shards=(16, 64, 32))
+    assert [lv.shape for lv in levels] == [(16, 48, 48), (8, 24, 24), (4, 12, 12)]
+    assert [lv.shards for lv in levels] == [(16, 48, 32), (8, 32, 32), (8, 16, 16)]
+    assert all(lv.shards is None for lv in pyramid_levels((32, 96, 96), (8, 16, 16), (1.0, 1.0, 1.0)))
+
+
 def test_windows_start_before_the_data_by_the_phase() -> None:
     data = np.array([4, 6, 8], dtype=np.uint8).reshape(1, 1, 1, 3)
     assert downsample(data, (1, 1, 2), "mean", (0, 0, 1)).ravel().tolist() == [4, 7]
@@ -111,6 +118,35 @@ def test_blockwise_pyramid_equals_whole_volume(
         np.testing.assert_array_equal(volume.read(volume.meta.roi), expected[level.index])
     again = add_pyramid(client, url, min_chunks_across=1, block_shape=(8, 32, 16), progress=False)
     assert again.levels == result.levels
+
+
+@pytest.mark.parametrize(
+    ("scheme", "layer_type", "dtype"),
+    [("zarr3", "image", np.uint8), ("precomputed", "image", np.uint8), ("precomputed", "segmentation", np.uint64)],
+)
+def test_a_sharded_pyramid_equals_the_unsharded_one_bit_for_bit(
+    client: Any, tmp_path: Any, scheme: str, layer_type: str, dtype: type
+) -> None:
+    """Shards of 2 x 2 x 2 chunks at level 0; coarser levels clip them on some axes (a 2 x 1 x 2 Morton box at s2)."""
+    shape, chunks, shards = (20, 40, 150), (8, 16, 16), (16, 32, 32)
+    data = (np.random.default_rng(2).integers(0, 4, size=(1, *shape)) * 60).astype(dtype)
+    meta = VolumeMeta(shape, np.dtype(dtype), chunks, 1, (8.0, 4.0, 4.0), (2, 4, 6), layer_type)  # type: ignore[arg-type]
+    zarr = "zarr3" if scheme == "zarr3" else None
+    url = {name: f"{scheme}://file://{tmp_path}/{name}{'.zarr/vol' if zarr else ''}" for name in ("plain", "sharded")}
+    create_volume(url["plain"], meta).write(meta.roi, data)
+    create_volume(url["sharded"], meta.derive(shards=shards)).write(meta.roi, data)
+
+    plain = add_pyramid(client, url["plain"], min_chunks_across=1, block_shape=(8, 32, 16), progress=False)
+    sharded = add_pyramid(client, url["sharded"], min_chunks_across=1, block_shape=(8, 32, 16), progress=False)
+
+    assert plain.ok and sharded.ok and len(sharded.levels) == 4
+    assert [lv.shards for lv in sharded.levels] == [(16, 32, 32), (16, 16, 32), (8, 16, 32), (8, 16, 16)]
+    for level in sharded.levels:
+        expected = open_volume(url["plain"], scale=level.index)
+        volume = open_volume(url["sharded"], scale=level.index)
+        assert volume.meta.shards == level.shards and expected.meta.shards is None
+        np.testing.assert_array_equal(volume.read(volume.meta.roi), expected.read(expected.meta.roi))
+        assert volume.missing_chunks(volume.meta.roi) == []  # every shard written, by one block
 
 
 def test_plain_zarr_array_is_refused(client: Any, tmp_path: Any) -> None:

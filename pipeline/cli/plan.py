@@ -92,9 +92,10 @@ def plan(
     )
     for out in size.outputs:
         shard = f"shards {out.shards}" if out.sharded else f"shards {out.shards} (if shard_size = block_size)"
+        levels = "sharded" if out.sharded else "unsharded"
         console.print(
             f"output {out.url}: scale 0 in chunks {out.chunks}: {out.files_unsharded:,} files, in {shard}: "
-            f"{out.files_sharded:,} files; pyramid levels (unsharded): {out.pyramid_files:,} files; "
+            f"{out.files_sharded:,} files; pyramid levels ({levels}): {out.pyramid_files:,} files; "
             f"{_human(out.bytes, 'B')} uncompressed",
             highlight=False,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.config.cluster import ClusterJob
 
@@ -60,6 +60,12 @@ class InstancesConfig(ClusterJob):
         description="Block (z, y, x) in voxels, a multiple of the input's chunks; None = the chunk multiple "
         "nearest 64x256x256.",
     )
+    shard_size: tuple[int, int, int] | None = Field(
+        None,
+        description="Label shard (z, y, x) in voxels, whole chunks of the input, for new outputs: one file per shard "
+        "(zarr v3 sharding, precomputed sharded; its pyramid levels too) instead of one per chunk; blocks must be "
+        "whole shards (block_size None: the shard multiple nearest 64x256x256). None = unsharded.",
+    )
     roi: str | None = Field(None, description="Region OFFSET:SHAPE in voxels (z,y,x each); None = whole volume.")
     dtype: str = Field("uint64", description="Label type of the output: 'uint64' or 'uint32'.")
     resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
@@ -84,11 +90,11 @@ class InstancesConfig(ClusterJob):
             raise ValueError(f"table {value!r} must end in .parquet or .csv (the format is taken from the suffix)")
         return value
 
-    @field_validator("block_size")
+    @field_validator("block_size", "shard_size")
     @classmethod
-    def _positive_block(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    def _positive_size(cls, value: tuple[int, int, int] | None, info: ValidationInfo) -> tuple[int, int, int] | None:
         if value is not None and any(v <= 0 for v in value):
-            raise ValueError(f"block_size must be three positive voxel counts (z, y, x), got {list(value)}")
+            raise ValueError(f"{info.field_name} must be three positive voxel counts (z, y, x), got {list(value)}")
         return value
 
     @model_validator(mode="after")

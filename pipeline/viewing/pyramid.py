@@ -3,8 +3,12 @@
 Images and probabilities are averaged, labels take the most frequent value of each window. Each level
 halves the axes whose voxel size is below twice the finest one (anisotropic EM first becomes isotropic),
 down to a few chunks across. Precomputed layers get new scales in their `info`; OME-Zarr groups get
-arrays `s1`, `s2`, … and their `multiscales` metadata. Every level is written by chunk-aligned blocks, so
+arrays `s1`, `s2`, … and their `multiscales` metadata. Every level is written by blocks of whole chunks, so
 no two workers write the same chunk, and is read back from the level above it.
+
+A sharded level 0 makes every level sharded: the same shard shape in voxels (a coarser level has fewer shards
+of the same size), clipped to the level's whole chunks; then a level's blocks are whole shards of it. For
+precomputed, clipping keeps a shard a 2^n-chunk Morton box (`sharding_spec`), as it is at level 0.
 
 A finished pyramid is recorded in the volume's run state (`<volume>.mitoseg/pyramid.json`, with the key of the
 job that wrote level 0), so a re-run of an unchanged job skips it, and one whose pyramid failed builds it again.
@@ -24,11 +28,11 @@ from daisy import Block, Roi
 from pipeline.errors import StorageError
 from pipeline.execution import BlockFailure, RunResult, run_blockwise
 from pipeline.geometry import Vec3, whole_chunks
-from pipeline.plan import plan_blocks
+from pipeline.plan import BlockPlan, plan_blocks
 from pipeline.resume import state_location
 from pipeline.storage import filesystem
 from pipeline.volumes import VolumeMeta, open_volume, parse_volume_url
-from pipeline.volumes.precomputed_volume import PrecomputedVolume
+from pipeline.volumes.precomputed_volume import PrecomputedVolume, sharding_spec
 from pipeline.volumes.zarr_volume import ZarrVolume, ome_multiscales_attrs
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ class Level:
     shape: Vec3
     voxel_offset: Vec3 = (0, 0, 0)
     phase: Vec3 = (0, 0, 0)
+    shards: Vec3 | None = None
+    """Shard (z, y, x voxels) of the level when the volume is sharded; None: one file per chunk."""
 
 
 @dataclass
@@ -109,9 +115,11 @@ def pyramid_levels(
     min_chunks_across: int = 2,
     max_levels: int = 8,
     voxel_offset: Vec3 = (0, 0, 0),
+    shards: Vec3 | None = None,
 ) -> list[Level]:
     """Levels 1.. for a volume: halve the axes finer than twice the finest voxel size, until every axis
-    spans at most `min_chunks_across` chunks (or `max_levels` levels)."""
+    spans at most `min_chunks_across` chunks (or `max_levels` levels). With level 0's `shards` (z, y, x voxels),
+    each level's shard is that shape clipped to the level's whole chunks."""
     levels: list[Level] = []
     size, res, total, offset = list(shape), list(voxel_size_nm), [1, 1, 1], list(voxel_offset)
     while len(levels) < max_levels and any(-(-s // c) > min_chunks_across for s, c in zip(size, chunks, strict=True)):
@@ -122,8 +130,14 @@ def pyramid_levels(
         offset = [o // f for o, f in zip(offset, factor, strict=True)]
         res = [r * f for r, f in zip(res, factor, strict=True)]
         total = [t * f for t, f in zip(total, factor, strict=True)]
-        levels.append(Level(len(levels) + 1, *(tuple(v) for v in (factor, total, size, offset, phase))))  # type: ignore[arg-type]
+        level = Level(len(levels) + 1, *(tuple(v) for v in (factor, total, size, offset, phase)))  # type: ignore[arg-type]
+        levels.append(level if shards is None else replace(level, shards=_clip_to_chunks(shards, chunks, level.shape)))
     return levels
+
+
+def _clip_to_chunks(shards: Vec3, chunks: Vec3, shape: Vec3) -> Vec3:
+    """`shards` clipped on each axis to the whole chunks that cover `shape` (a shard never passes the level)."""
+    return tuple(min(s, -(-n // c) * c) for s, c, n in zip(shards, chunks, shape, strict=True))  # type: ignore[return-value]
 
 
 def _windows(data: np.ndarray, factor: Vec3, phase: Vec3, fill: Any) -> np.ndarray:
@@ -193,6 +207,8 @@ def _precomputed_scales(info: dict[str, Any], meta: VolumeMeta, levels: list[Lev
             "size": list(level.shape[::-1]),
             "chunk_sizes": [list(meta.chunks[::-1])],
         }
+        if level.shards is not None:
+            scale["sharding"] = sharding_spec(meta.derive(shape=level.shape, shards=level.shards))
         scales.append(scale)
     return scales
 
@@ -222,6 +238,9 @@ def _prepare_zarr(volume: ZarrVolume, levels: list[Level]) -> None:
         kwargs: dict[str, Any] = {"dimension_names": list(volume.axes)} if fmt == 3 else {}
         shape = {"c": meta.num_channels, **dict(zip(("z", "y", "x"), level.shape, strict=True))}
         chunks = {"c": meta.num_channels, **dict(zip(("z", "y", "x"), meta.chunks, strict=True))}
+        if level.shards is not None:
+            shards = {"c": meta.num_channels, **dict(zip(("z", "y", "x"), level.shards, strict=True))}
+            kwargs["shards"] = tuple(shards[a] for a in volume.axes)
         group.create_array(
             f"s{level.index}",
             shape=tuple(shape[a] for a in volume.axes),
@@ -233,6 +252,15 @@ def _prepare_zarr(volume: ZarrVolume, levels: list[Level]) -> None:
         )
     ome = ome_multiscales_attrs(meta, [(1, 1, 1)] + [level.total_factor for level in levels], fmt)
     group.attrs.update(ome)
+
+
+def _level_plan(level: Level, chunks: Vec3, block_shape: Vec3 | None) -> BlockPlan:
+    """Blocks of a level: `block_shape` (whole chunks) or about `DEFAULT_BLOCK_VOXELS`; whole shards of a sharded
+    level, so that each shard has one writer."""
+    if level.shards is None:
+        return plan_blocks(level.shape, chunks, block_shape or whole_chunks(DEFAULT_BLOCK_VOXELS, chunks))
+    block = whole_chunks(block_shape or DEFAULT_BLOCK_VOXELS, level.shards)
+    return plan_blocks(level.shape, chunks, block, shard_shape=level.shards)
 
 
 def add_pyramid(
@@ -250,7 +278,8 @@ def add_pyramid(
 
     Existing levels above 0 are replaced. Labels (`layer_type` segmentation) are reduced by mode, everything
     else by mean. `block_shape` (z, y, x voxels of a level) must be whole chunks; by default about
-    64 x 128 x 128. Returns the levels and the run of each; a level with failed blocks ends the pyramid.
+    64 x 128 x 128. A sharded volume gets sharded levels, and its blocks are rounded to whole shards of each
+    level. Returns the levels and the run of each; a level with failed blocks ends the pyramid.
     `key` (the job that wrote level 0) is recorded when every level is written (see `pyramid_is_current`).
     """
     fs, record = _record_path(url)
@@ -261,7 +290,9 @@ def add_pyramid(
     parsed = parse_volume_url(url)
     # precomputed scales sit on the absolute voxel grid; OME-Zarr levels start where level 0 starts
     grid_offset = meta.voxel_offset if parsed.kind == "precomputed" else (0, 0, 0)
-    levels = pyramid_levels(meta.shape, meta.chunks, meta.voxel_size_nm, min_chunks_across, max_levels, grid_offset)
+    levels = pyramid_levels(
+        meta.shape, meta.chunks, meta.voxel_size_nm, min_chunks_across, max_levels, grid_offset, meta.shards
+    )
     result = PyramidResult(str(parsed))
     if not levels:
         log.info("%s is already within %d chunks across; no pyramid needed", url, min_chunks_across)
@@ -274,7 +305,7 @@ def add_pyramid(
         _prepare_zarr(volume, levels)
     method: Method = "mode" if meta.layer_type == "segmentation" else "mean"
     for level in levels:
-        plan = plan_blocks(level.shape, meta.chunks, block_shape or whole_chunks(DEFAULT_BLOCK_VOXELS, meta.chunks))
+        plan = _level_plan(level, meta.chunks, block_shape)
         run = run_blockwise(
             client,
             plan,

@@ -12,6 +12,7 @@ __all__ = [
     "Volume",
     "VolumeMeta",
     "VolumeURL",
+    "check_layout",
     "create_volume",
     "open_volume",
     "parse_volume_url",
@@ -53,6 +54,13 @@ def create_volume(url: str | VolumeURL, meta: VolumeMeta, attributes: dict[str, 
     """Create (or replace) a volume with the given metadata and return it open for writing."""
     parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
     return _backend(parsed).create(parsed, meta, attributes)
+
+
+def check_layout(url: str | VolumeURL, meta: VolumeMeta) -> None:
+    """Refuse metadata whose layout (chunks, shards) cannot be created at `url`, without touching storage: for a
+    job that creates its output only after hours of work (instances)."""
+    parsed = url if isinstance(url, VolumeURL) else parse_volume_url(url)
+    _backend(parsed).check_layout(parsed, meta)
 
 
 def volume_exists(url: str | VolumeURL, scale: int = 0) -> bool:

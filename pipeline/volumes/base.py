@@ -10,7 +10,7 @@ import numpy as np
 from daisy import Roi
 
 from pipeline.errors import BlockFailedError, GeometryError, StorageError
-from pipeline.geometry import Vec3, chunk_rois, roi_key
+from pipeline.geometry import Vec3, check_ownership, chunk_rois, roi_key
 from pipeline.volumes.url import VolumeURL
 
 LayerType = Literal["image", "segmentation"]
@@ -65,6 +65,12 @@ class Volume(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url}, shape={self.meta.shape}, dtype={self.meta.dtype})"
+
+    @classmethod
+    def check_layout(cls, url: VolumeURL, meta: VolumeMeta) -> None:
+        """Refuse a layout (chunks, shards) that this backend cannot create at `url`, before anything is written."""
+        if meta.shards is not None:
+            check_ownership(meta.shards, meta.chunks, "output chunks", "shard shape")
 
     def check_roi(self, roi: Roi) -> None:
         """Refuse a region that is not inside the volume."""

@@ -136,6 +136,12 @@ class PrecomputedVolume(Volume):
         )
 
     @classmethod
+    def check_layout(cls, url: VolumeURL, meta: VolumeMeta) -> None:
+        """Shards must be boxes that the identity hash can make (`sharding_spec`)."""
+        if meta.shards is not None:
+            sharding_spec(meta)
+
+    @classmethod
     def create(cls, url: VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> PrecomputedVolume:
         """Write a new `info` for a single-scale layer (pyramids are added by the viewing stage)."""
         from cloudvolume import CloudVolume

@@ -10,7 +10,7 @@ import zarr
 from daisy import Roi
 
 from pipeline.errors import GeometryError, StorageError
-from pipeline.geometry import as_zyx, check_ownership, chunk_rois
+from pipeline.geometry import as_zyx, chunk_rois
 from pipeline.storage import storage_options
 from pipeline.volumes.base import Volume, VolumeMeta
 from pipeline.volumes.url import VolumeURL
@@ -193,20 +193,24 @@ class ZarrVolume(Volume):
         return meta, axes
 
     @classmethod
+    def check_layout(cls, url: VolumeURL, meta: VolumeMeta) -> None:
+        """Shards need zarr v3 (`zarr3://`, or `zarr://` for a new volume) and whole chunks."""
+        if meta.shards is not None and url.zarr_format == 2:
+            raise StorageError(
+                f"cannot create {url} with shards {meta.shards}: zarr v2 has no sharding; "
+                "use a zarr3:// (or zarr://) output, or leave shard_size unset"
+            )
+        super().check_layout(url, meta)
+
+    @classmethod
     def create(cls, url: VolumeURL, meta: VolumeMeta, attributes: dict[str, Any] | None = None) -> ZarrVolume:
         """Create an OME-Zarr multiscale group holding scale 0 as a (channels, z, y, x) array `s0`.
 
         Each chunk holds all channels of a (z, y, x) chunk; pyramid levels are added by the viewing stage.
         With `meta.shards`, s0 uses zarr v3 sharding: one file per shard of whole chunks.
         """
+        cls.check_layout(url, meta)
         fmt = url.zarr_format or 3
-        if meta.shards is not None:
-            if fmt == 2:
-                raise StorageError(
-                    f"cannot create {url} with shards {meta.shards}: zarr v2 has no sharding; "
-                    "use a zarr3:// (or zarr://) output, or leave shard_size unset"
-                )
-            check_ownership(meta.shards, meta.chunks, "output chunks", "shard shape")
         attrs = {
             **ome_multiscales_attrs(meta, [1], fmt),
             "resolution_nm": list(meta.voxel_size_nm),
