@@ -405,6 +405,36 @@ def test_surface_area_counts_exposed_voxel_faces(client, tmp_path):
     assert row["voxels"] == 8 * 6 * 10
 
 
+def rods_and_dots(num_dots: int) -> tuple[np.ndarray, int]:
+    """A (16, 32, 32) mask for 8x16x16 blocks: three rods across block faces (six pieces that touch a face between
+    blocks) and `num_dots` one-voxel objects inside blocks, never on or beside a face; and the number of pieces."""
+    mask = np.zeros((16, 32, 32), np.float32)
+    mask[2:14, 4, 4] = mask[4, 2:30, 20] = mask[12, 24, 2:30] = 1.0  # across z = 8, y = 16 and x = 16
+    dots = np.stack(np.meshgrid(*[np.arange(2, s, 4) for s in mask.shape], indexing="ij"), -1).reshape(-1, 3)
+    mask[tuple(dots[:num_dots].T)] = 1.0
+    return mask, 6
+
+
+@pytest.mark.parametrize("num_dots", [0, 200])
+def test_the_merge_holds_only_objects_that_touch_borders_between_blocks(client, tmp_path, num_dots):
+    """However many objects lie inside blocks, the client merges the border pieces only, and each relabel task
+    gets the final IDs of its own block's border pieces; every object is still labelled and in the table."""
+    import pyarrow.parquet as pq
+
+    mask, pieces = rods_and_dots(num_dots)
+    source = write_probs(str(tmp_path / "probs.zarr"), mask[None])
+    table = tmp_path / "objects.parquet"
+    labels, result = run(
+        client, tmp_path, source, (8, 16, 16), table=str(table), keep_scratch=True, decode={"min_size": 0}
+    )
+    assert result.border_objects == pieces
+    assert result.num_objects == 3 + num_dots
+    assert same_up_to_renumbering(labels, seeded_components(uint8_probs(mask[None])[0]))
+    maps = sorted((tmp_path / "seg_8_16_16.zarr.mitoseg").rglob("map/*.npz"))
+    assert len(maps) == 8 and sum(len(np.load(m)["labels"]) for m in maps) == pieces
+    assert pq.read_table(table).to_pylist() == measure_labels(labels, VOXEL_NM).to_pylist()
+
+
 def test_region_of_interest_and_precomputed_output(client, tmp_path):
     mask = noise_mask(SHAPE, seed=4)
     source = write_probs(str(tmp_path / "probs.zarr"), mask[None])

@@ -10,13 +10,13 @@ import pytest
 from daisy import Roi
 
 from pipeline.config.instances import DecodeConfig
-from pipeline.errors import GeometryError
+from pipeline.errors import GeometryError, StorageError
 from pipeline.instances.decode import decode_block
 from pipeline.instances.fixup import plan_fixups
 from pipeline.instances.ids import block_of, check_id_space, id_stride, to_provisional
 from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
-from pipeline.instances.measure import ObjectStats, block_stats, measure_labels, merge_stats
-from pipeline.instances.merge import block_tables, merge_objects
+from pipeline.instances.measure import ObjectStats, TableWriter, block_stats, measure_labels, merge_stats, object_table
+from pipeline.instances.merge import BorderObjects, interior_finals, merge_objects, split_block
 from pipeline.instances.unionfind import UnionFind
 from pipeline.plan import plan_blocks
 
@@ -196,20 +196,87 @@ def _stats(ids: list[int], seeded: list[bool], voxels: list[int]) -> ObjectStats
     )
 
 
+def _border(stats: ObjectStats, before: list[int] | None = None, interior: tuple[int, ...] = (0, 0)) -> BorderObjects:
+    """Border objects of blocks of stride 10 (block b holds IDs 10 b + 1 .. 10 b + 10)."""
+    below = np.zeros(len(stats), np.int64) if before is None else np.array(before, np.int64)
+    return BorderObjects(stats, stats.ids.copy(), below, np.array(interior, np.int64))
+
+
+NO_CONTACTS = np.zeros((0, 4), np.uint64)
+
+
 def test_merge_attaches_orphans_keeps_seeds_apart_and_drops_small_or_unseeded():
     # block 0: seeded 1, 2; block 1 (ids from 11): seeded 11, orphan 12, orphan 13 (alone)
     stats = _stats([1, 2, 11, 12, 13], [True, True, True, False, False], [50, 50, 50, 5, 20])
     links = np.array([[11, 1]], np.uint64)  # same seed across the face
     touches = np.array([[11, 1], [12, 2], [12, 1], [11, 2]], np.uint64)
-    merged = merge_objects(stats, links, touches, np.zeros((0, 4), np.uint64), min_size=10)
+    merged = merge_objects(_border(stats), links, touches, NO_CONTACTS, min_size=10, stride=10)
     # 12 attaches to 1 (first in sorted order), 2 stays apart from 1 and 11, 13 has no seed: removed
     assert merged.row_final.tolist() == [1, 2, 1, 1, 0]
     assert merged.objects.voxels.tolist() == [105, 50]
-    assert merged.equivalences == 4
-    small = merge_objects(stats, links, touches, np.zeros((0, 4), np.uint64), min_size=60)
+    assert merged.equivalences == 4 and merged.num_objects == 2
+    small = merge_objects(_border(stats), links, touches, NO_CONTACTS, min_size=60, stride=10)
     assert small.row_final.tolist() == [1, 0, 1, 1, 0]
-    tables = block_tables(np.array([0, 1, 2]), np.array([2, 3, 0]), merged.row_final)
-    assert [t.tolist() for t in tables.values()] == [[0, 1, 2], [0, 1, 1, 0], [0]]
+
+
+def test_final_ids_follow_provisional_order_from_per_block_counts():
+    """Final IDs number every kept object in provisional-ID order, while the merge sees border objects only.
+
+    Block 0 holds border objects 1 and 3 and kept interior objects 2 and 4; block 1 border objects 11 (joined to
+    1) and 15 with kept interior objects 12, 13, 14; block 2 one kept interior object.
+    """
+    stats = _stats([1, 3, 11, 15], [True] * 4, [9] * 4)
+    border = _border(stats, before=[0, 1, 0, 3], interior=(2, 3, 1))
+    merged = merge_objects(border, np.array([[11, 1]], np.uint64), np.zeros((0, 2), np.uint64), NO_CONTACTS, 0, 10)
+    assert merged.first.tolist() == [0, 4, 8, 9] and merged.num_objects == 9
+    assert merged.row_final.tolist() == [1, 3, 1, 8]
+    assert merged.final_ids.tolist() == [1, 3, 8] and merged.objects.voxels.tolist() == [18, 9, 9]
+    assert interior_finals(0, 4, merged.row_final[:2], 2).tolist() == [2, 4]
+    assert interior_finals(4, 8, merged.row_final[2:], 3).tolist() == [5, 6, 7]
+    assert interior_finals(8, 9, np.zeros(0, np.uint64), 1).tolist() == [9]
+    with pytest.raises(StorageError, match="without resume"):
+        interior_finals(0, 4, merged.row_final[:2], 3)
+
+
+def test_split_block_keeps_only_objects_on_faces_between_blocks_for_the_merge():
+    labels = np.zeros((4, 4, 4), np.uint32)
+    labels[0, 0, 1] = 1  # on the low z and y faces (region borders here) and no other face
+    labels[1, 1, 1] = 2  # inside
+    labels[2, 2, 3] = 3  # on the high x face, between blocks
+    labels[1, 2, 1:3] = 4  # inside, 2 voxels
+    labels[3, 1, 1] = 5  # on the high z face, between blocks
+    stats = block_stats(labels, 5, 4, (4, 0, 0))  # label 5 unseeded
+    stats.ids += np.uint64(100)
+    roi = Roi((4, 0, 0), (4, 4, 4))
+    border, interior = split_block(stats, stats.ids, roi, (True, True, True), (False, True, False), min_size=2)
+    assert border.stats.ids.tolist() == [103, 105] and border.interior.tolist() == [1]
+    assert border.before.tolist() == [0, 1]  # the one kept interior object, 104, lies between them
+    assert interior.ids.tolist() == [104]  # 101 and 102 are under min_size: removed in their block
+    # watershed: a piece of a foreground component that reaches a face between blocks is border too
+    components = np.array([101, 102, 103, 103, 105], np.uint64)
+    border, interior = split_block(stats, components, roi, (True, True, True), (False, True, False), min_size=0)
+    assert border.stats.ids.tolist() == [103, 104, 105] and border.components.tolist() == [103, 103, 105]
+    assert interior.ids.tolist() == [101, 102] and border.before.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_table_writer_in_batches_equals_the_table_in_one_piece(tmp_path, suffix):
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 6, (5, 6, 7)).astype(np.uint32)
+    stats = block_stats(labels, 5, 5, (0, 0, 0))
+    ids = np.arange(1, 6, dtype=np.uint64) * np.uint64(10)
+    path = str(tmp_path / f"objects{suffix}")
+    with TableWriter(path, (8.0, 4.0, 4.0), (1, 2, 3), rows_per_batch=2) as table:
+        table.add(stats.select(np.array([1, 0])), ids[[1, 0]])
+        table.add(stats.select(slice(2, 5)), ids[2:])
+    got = pcsv.read_csv(path) if suffix == ".csv" else pq.read_table(path)
+    assert got.to_pylist() == object_table(stats, ids, (8.0, 4.0, 4.0), (1, 2, 3)).to_pylist()
+    empty = str(tmp_path / f"empty{suffix}")
+    TableWriter(empty, (1, 1, 1), (0, 0, 0)).close()
+    assert (pcsv.read_csv(empty) if suffix == ".csv" else pq.read_table(empty)).column_names[0] == "id"
 
 
 def test_plan_fixups_lists_regions_crossing_blocks_with_several_seeds():

@@ -9,9 +9,10 @@ components: each block would flood only from its own seeds, so dividing lines co
 component is decoded again as a whole.
 
 On the client, `plan_fixups` makes the foreground components global (their per-block pieces joined through the
-same face pairs as the objects, with union-find) and lists those components with their bounding boxes. One Dask
-task per component (`tasks.FixupTask`) reads the box (probabilities, and the provisional labels to tell the
-component's voxels from those of other components), decodes it with `decode.decode_component`, exactly as
+same face pairs as the objects, with union-find) and lists those components with their bounding boxes. It sees the
+border objects only (`merge.split_block`), which hold every piece of every component that crosses block borders.
+One Dask task per component (`tasks.FixupTask`) reads the box (probabilities, and the provisional labels to tell
+the component's voxels from those of other components), decodes it with `decode.decode_component`, exactly as
 whole-volume decoding does, stores the small label array of the box in the job's per-block files and returns
 the objects' statistics. The merge numbers those objects with the others, and the relabel pass of each block
 writes them into its own chunks from the stored arrays.
@@ -55,8 +56,9 @@ def plan_fixups(
 ) -> tuple[list[Fixup], np.ndarray]:
     """The components to decode as a whole, and which provisional rows of `stats` belong to one of them.
 
-    `components[i]` is the provisional foreground-component ID of row i (rows sorted by ID, as the blocks store
-    them); `touches` are all object pairs adjacent across block faces, `links` those adjacent through seeds.
+    `stats` are the border objects of all blocks and `components[i]` is the provisional foreground-component ID of
+    row i (rows sorted by ID, as the blocks store them); `touches` are all object pairs adjacent across block
+    faces, `links` those adjacent through seeds.
     """
     ids = stats.ids
     fixed = np.zeros(len(ids), bool)

@@ -43,6 +43,10 @@ class ObjectStats:
     def from_arrays(cls, arrays: Any) -> ObjectStats:
         return cls(**{name: np.asarray(arrays[name]) for name in cls.FIELDS})
 
+    def select(self, rows: np.ndarray | slice) -> ObjectStats:
+        """The rows picked by a boolean mask, an index array or a slice."""
+        return ObjectStats(**{name: getattr(self, name)[rows] for name in self.FIELDS})
+
     @classmethod
     def concat(cls, parts: Sequence[ObjectStats]) -> ObjectStats:
         if not parts:
@@ -187,22 +191,67 @@ def measure_labels(
     return object_table(stats, ids, voxel_size_nm, voxel_offset)
 
 
-def write_table(table: Any, path: str) -> None:
-    """Write an object table as Parquet (.parquet) or CSV (.csv)."""
-    suffix = Path(path).suffix.lower()
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+class TableWriter:
+    """Writes an object table as Parquet (.parquet) or CSV (.csv) in batches of rows, in the order given.
 
-            pq.write_table(table, path)
-        elif suffix == ".csv":
-            import pyarrow.csv as pcsv
+    The caller adds objects in ascending ID order; rows are buffered up to `rows_per_batch` and then written (a
+    Parquet row group each), so that the writer never holds every object's row.
+    """
 
-            pcsv.write_csv(table, path)
-        else:
+    def __init__(
+        self, path: str, voxel_size_nm: Sequence[float], voxel_offset: Sequence[int], rows_per_batch: int = 16384
+    ):
+        self.path, self.voxel_size_nm, self.voxel_offset = path, voxel_size_nm, voxel_offset
+        self.rows_per_batch = rows_per_batch
+        self._stats: list[ObjectStats] = []
+        self._ids: list[np.ndarray] = []
+        self._buffered = 0
+        suffix = Path(path).suffix.lower()
+        if suffix not in (".parquet", ".csv"):
             raise ConfigError(f"table {path!r} must end in .parquet or .csv")
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise StorageError(f"cannot write the object table {path}: {err}") from err
+        schema = object_table(ObjectStats.empty(), np.zeros(0, np.uint64), voxel_size_nm, voxel_offset).schema
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                self._writer: Any = pq.ParquetWriter(path, schema)
+            else:
+                import pyarrow.csv as pcsv
+
+                self._writer = pcsv.CSVWriter(path, schema)
+        except Exception as err:
+            raise StorageError(f"cannot write the object table {path}: {err}") from err
+
+    def add(self, stats: ObjectStats, final_ids: np.ndarray) -> None:
+        """Objects with their final IDs, in any order within one call, all above the IDs of earlier calls."""
+        self._stats.append(stats)
+        self._ids.append(final_ids)
+        self._buffered += len(final_ids)
+        if self._buffered >= self.rows_per_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffered:
+            return
+        table = object_table(
+            ObjectStats.concat(self._stats), np.concatenate(self._ids), self.voxel_size_nm, self.voxel_offset
+        )
+        self._stats, self._ids, self._buffered = [], [], 0
+        try:
+            self._writer.write_table(table)
+        except Exception as err:
+            raise StorageError(f"cannot write the object table {self.path}: {err}") from err
+
+    def close(self) -> None:
+        """Write the buffered rows and finish the file."""
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

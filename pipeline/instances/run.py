@@ -1,8 +1,11 @@
 """Orchestration of the instance stage on Dask: decode, match, merge on the client, relabel.
 
 Pass 1 decodes every block into provisional IDs (a scratch zarr beside the output) and stores per-object
-statistics; pass 2 finds the provisional IDs that continue across block faces; the client merges them with
-union-find and numbers the final objects 1..N; pass 3 writes the final IDs block by block. Passes 1 and 3
+statistics, split into the objects that touch a face between blocks and the others; pass 2 finds the provisional
+IDs that continue across block faces; the client merges the border objects with union-find and numbers the final
+objects 1..N by arithmetic over per-block counts (`pipeline.instances.merge`); pass 3 writes the final IDs block
+by block, each block given the final IDs of its own border objects only. The object table is written block by
+block from the stored statistics. So the client holds the border objects, never all objects. Passes 1 and 3
 write whole chunks of their own block only; every pass is resumable through done-records.
 
 Watershed adds a fix-up step between match and merge (see `pipeline.instances.fixup`): a foreground component
@@ -21,6 +24,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,14 +34,14 @@ from daisy import Roi
 from pipeline.config.instances import DecodeConfig, InstancesConfig
 from pipeline.errors import ConfigError, GeometryError, StorageError
 from pipeline.execution import BlockFailure, RunResult, error_text, run_blockwise
-from pipeline.geometry import Vec3, parse_roi, roi_key, whole_chunks
+from pipeline.geometry import Vec3, check_ownership, parse_roi, roi_key, whole_chunks
 from pipeline.instances.fixup import Fixup, plan_fixups
-from pipeline.instances.ids import check_id_space, id_stride
-from pipeline.instances.measure import ObjectStats, object_table, write_table
-from pipeline.instances.merge import Merged, block_tables, merge_objects
+from pipeline.instances.ids import block_base, block_of, check_id_space, id_stride
+from pipeline.instances.measure import ObjectStats, TableWriter
+from pipeline.instances.merge import BorderObjects, Merged, interior_finals, merge_objects
 from pipeline.instances.tasks import BlockFiles, DecodeTask, FixupTask, MatchTask, RelabelTask, StageSpec
 from pipeline.plan import BlockPlan, plan_blocks
-from pipeline.resume import DoneMarkers, job_key, state_location
+from pipeline.resume import OUTPUT_FORMAT, DoneMarkers, job_key, state_location
 from pipeline.storage import configure, filesystem, redact
 from pipeline.versions import job_location, show_written
 from pipeline.viewing.meshes import MeshResult, add_meshes
@@ -46,6 +50,7 @@ from pipeline.volumes import (
     Volume,
     VolumeMeta,
     VolumeURL,
+    check_layout,
     create_volume,
     open_volume,
     parse_volume_url,
@@ -55,6 +60,8 @@ from pipeline.volumes import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = (64, 256, 256)
+FILES_PER_BATCH = 256
+"""Per-block files the client reads or writes at once: memory stays flat however many blocks there are."""
 
 
 @dataclass
@@ -69,6 +76,8 @@ class InstancesResult:
     num_objects: int = 0
     equivalences: int = 0
     border_ids: int = 0
+    border_objects: int = 0
+    """Provisional objects that touch a face between blocks: all the merge holds (the others stay with their block)."""
     fixups: int = 0
     """Watershed: foreground components that crossed block borders with several seeds, decoded as a whole."""
     table: str | None = None
@@ -125,14 +134,16 @@ def resolve_decode(cfg: DecodeConfig, source: Volume) -> DecodeConfig:
     return cfg.model_copy(update={"method": method, "threshold": threshold})
 
 
-def label_meta(meta: VolumeMeta, dtype: str) -> VolumeMeta:
-    """The metadata of a label volume over the input: one channel, same geometry, segmentation layer."""
-    return meta.derive(dtype=np.dtype(dtype), num_channels=1, layer_type="segmentation")
+def label_meta(meta: VolumeMeta, dtype: str, shards: Vec3 | None = None) -> VolumeMeta:
+    """The metadata of a label volume over the input: one channel, same geometry, segmentation layer, `shards`."""
+    return meta.derive(dtype=np.dtype(dtype), num_channels=1, layer_type="segmentation", shards=shards)
 
 
 def block_shape_for(config: InstancesConfig, chunks: Vec3) -> Vec3:
-    """The configured block, or the whole-chunk block nearest `DEFAULT_BLOCK`."""
-    return config.block_size if config.block_size is not None else whole_chunks(DEFAULT_BLOCK, chunks)
+    """The configured block, or the whole-chunk (whole-shard, with `shard_size`) block nearest `DEFAULT_BLOCK`."""
+    if config.block_size is not None:
+        return config.block_size
+    return whole_chunks(DEFAULT_BLOCK, config.shard_size or chunks)
 
 
 def _existing(url: str, meta: VolumeMeta) -> Volume | None:
@@ -170,36 +181,33 @@ def _run_pass(
     return run_blockwise(client, plan, task, done=done, description=description, progress=progress)
 
 
+def _batches(plan: BlockPlan) -> Iterator[list[int]]:
+    """The plan's block ids in order, `FILES_PER_BATCH` at a time."""
+    for start in range(0, plan.num_blocks, FILES_PER_BATCH):
+        yield list(range(start, min(start + FILES_PER_BATCH, plan.num_blocks)))
+
+
 @dataclass
 class PassFiles:
-    """Everything the decode and match passes stored, in block order."""
+    """What the decode and match passes stored for the merge, in block order: border objects and face pairs."""
 
-    stats: ObjectStats
-    counts: np.ndarray
-    components: np.ndarray
-    """Provisional foreground-component ID of each row (watershed; the row's own ID otherwise)."""
+    border: BorderObjects
     links: np.ndarray
     touches: np.ndarray
     contacts: np.ndarray
 
 
 def _load_pass_files(files: BlockFiles, plan: BlockPlan) -> PassFiles:
-    ids = list(range(plan.num_blocks))
-    stored = files.get_many([f"stats/{b}.npz" for b in ids])
-    stats = [ObjectStats.from_arrays(a) for a in stored]
-    matches = files.get_many([f"match/{b}.npz" for b in ids])
-
-    def stack(name: str, width: int) -> np.ndarray:
-        return np.concatenate([np.zeros((0, width), np.uint64)] + [m[name] for m in matches])
-
-    return PassFiles(
-        ObjectStats.concat(stats),
-        np.array([len(s) for s in stats], dtype=np.int64),
-        np.concatenate([np.zeros(0, np.uint64)] + [a.get("components", a["ids"]) for a in stored]),
-        stack("links", 2),
-        stack("touches", 2),
-        stack("contacts", 4),
-    )
+    """The border objects and face pairs of every block, read a batch of blocks at a time."""
+    widths = {"links": 2, "touches": 2, "contacts": 4}
+    border, pairs = [], {name: [np.zeros((0, w), np.uint64)] for name, w in widths.items()}
+    for ids in _batches(plan):
+        stored = files.get_many([f"border/{b}.npz" for b in ids])
+        border.append(BorderObjects.concat([BorderObjects.from_arrays(a) for a in stored]))
+        matches = files.get_many([f"match/{b}.npz" for b in ids])
+        for name, found in pairs.items():
+            found += [m[name] for m in matches if len(m[name])]
+    return PassFiles(BorderObjects.concat(border), *(np.concatenate(found) for found in pairs.values()))
 
 
 @dataclass(frozen=True)
@@ -241,13 +249,25 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
     meta = source.meta
     region = parse_roi(config.roi) if config.roi else meta.roi
     block_shape = block_shape_for(config, meta.chunks)
-    plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region)
+    shards = config.shard_size
+    if shards is not None:  # refused before any work: the output is created only after decode, match and merge
+        check_ownership(shards, meta.chunks, "output chunks (the input's chunks)", "shard_size")
+        check_ownership(block_shape, shards, "output shards (shard_size)", "block_size")
+        check_layout(config.output, label_meta(meta, config.dtype, shards))
+    plan = plan_blocks(meta.shape, meta.chunks, block_shape, roi=region, shard_shape=shards)
     check_id_space(plan.num_blocks, id_stride(block_shape))
     output = parse_volume_url(config.output)
     job = InstancesJob(config, meta, str(source.url), str(output), decode, region, block_shape, plan, "", "")
     # the input's content id changes whenever segment rewrites any of its blocks: new probabilities, new labels
     content = source.provenance.get("content_id")
-    key = job_key(stage="instances", chunks=meta.chunks, input_content=content, dtype=config.dtype, **job.record())
+    key = job_key(
+        stage="instances",
+        format=OUTPUT_FORMAT,  # a new per-block file layout or numbering reuses no state of an older mitoseg
+        chunks=meta.chunks,
+        input_content=content,
+        dtype=config.dtype,
+        **job.record(),
+    )
     target = _version_for(output, key, label_meta(meta, config.dtype)) if config.resume else output
     state = f"{state_location(target.location)}/instances/{key}"
     return replace(job, output_url=str(target), key=key, state=state, named_output=str(output))
@@ -340,11 +360,11 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
     if merged is None:  # a fix-up failed: listed in the result, nothing relabelled
         return result
     result.seconds["merge"] = time.perf_counter() - clock - result.seconds.get("fixup", 0.0)
-    result.num_objects, result.equivalences = len(merged.final_ids), merged.equivalences
+    result.num_objects, result.equivalences = merged.num_objects, merged.equivalences
     result.border_ids = merged.border_ids
 
     clock = time.perf_counter()
-    target, reused = _open_or_create(job.output_url, label_meta(meta, cfg.dtype), resume)
+    target, reused = _open_or_create(job.output_url, label_meta(meta, cfg.dtype, cfg.shard_size), resume)
     # from the first label written until the last stage ends, the output is this job's and incomplete
     target.set_provenance({**target.provenance, "job_key": job.key, "complete": False})
     task = RelabelTask(spec, job.output_url, cfg.dtype)
@@ -356,7 +376,7 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
     labelled = {"stage": "instances", **job.record(), "objects": result.num_objects}
     target.set_provenance({**labelled, "job_key": job.key, "complete": False})
     if cfg.table:
-        write_table(object_table(merged.objects, merged.final_ids, meta.voxel_size_nm, meta.voxel_offset), cfg.table)
+        _write_table(BlockFiles(spec.files), plan, merged, cfg.table, meta)
         result.table = cfg.table
     if cfg.viewing:
         result.pyramid = add_pyramid(client, job.output_url, progress=progress)
@@ -381,15 +401,17 @@ def _show_version(job: InstancesJob) -> None:
 def _merge(
     client: Any, spec: StageSpec, plan: BlockPlan, dtype: str, result: InstancesResult, resume: bool
 ) -> Merged | None:
-    """Fix-ups on Dask, union-find on the client, final numbering, and one ID table per block for relabelling.
+    """Fix-ups on Dask, union-find of the border objects on the client, final numbering, and a map per block.
 
     None when a fix-up failed (listed in `result.fixup_failures`)."""
     files, decode = BlockFiles(spec.files), spec.decode
     loaded = _load_pass_files(files, plan)
+    border = loaded.border
+    result.border_objects = len(border.stats)
     fixups: list[Fixup] = []
     fixed = None
     if decode.method == "watershed":
-        fixups, fixed = plan_fixups(loaded.stats, loaded.components, loaded.links, loaded.touches, spec.stride)
+        fixups, fixed = plan_fixups(border.stats, border.components, loaded.links, loaded.touches, spec.stride)
     clock = time.perf_counter()
     extra, result.fixup_failures = _run_fixups(client, spec, fixups, resume)
     result.seconds["fixup"] = time.perf_counter() - clock
@@ -397,27 +419,73 @@ def _merge(
     if result.fixup_failures:
         return None
     merged = merge_objects(
-        loaded.stats, loaded.links, loaded.touches, loaded.contacts, decode.min_size, fixed, ObjectStats.concat(extra)
+        border,
+        loaded.links,
+        loaded.touches,
+        loaded.contacts,
+        decode.min_size,
+        spec.stride,
+        fixed,
+        ObjectStats.concat(extra),
     )
-    if len(merged.final_ids) > np.iinfo(np.dtype(dtype)).max:
-        raise ConfigError(f"{len(merged.final_ids)} objects do not fit {dtype} labels; use dtype uint64")
-    tables = block_tables(np.arange(plan.num_blocks), loaded.counts, merged.row_final)
-    fixup_tables = _fixup_tables(extra, merged.extra_final)
+    if merged.num_objects > np.iinfo(np.dtype(dtype)).max:
+        raise ConfigError(f"{merged.num_objects} objects do not fit {dtype} labels; use dtype uint64")
+    _write_maps(files, plan, spec.stride, border.stats.ids, merged, fixups, _fixup_tables(extra, merged.extra_final))
+    return merged
+
+
+def _write_maps(
+    files: BlockFiles,
+    plan: BlockPlan,
+    stride: int,
+    border_ids: np.ndarray,
+    merged: Merged,
+    fixups: list[Fixup],
+    fixup_tables: list[np.ndarray],
+) -> None:
+    """One small map per block for relabelling: the final IDs of its border objects, the range of final IDs
+    rooted in it, and the fix-ups that meet it with their final IDs."""
+    row_block = block_of(border_ids, stride)
     boxes = np.array([[*f.begin, *f.end] for f in fixups], dtype=np.int64).reshape(-1, 6)
-    maps = {}
+    maps: dict[str, dict[str, np.ndarray]] = {}
     for block in plan.blocks():
+        block_id = block.block_id[1]
         begin, end = np.array(block.write_roi.begin), np.array(block.write_roi.end)
         meets = np.flatnonzero(np.all(boxes[:, :3] < end, axis=1) & np.all(boxes[:, 3:] > begin, axis=1))
-        block_id = block.block_id[1]
+        rows = slice(*np.searchsorted(row_block, [block_id, block_id + 1]).tolist())
         chosen = [fixup_tables[i] for i in meets.tolist()]
         maps[f"map/{block_id}.npz"] = {
-            "final": tables[block_id],
+            "labels": (border_ids[rows] - np.uint64(block_base(block_id, stride))).astype(np.int64),
+            "final": merged.row_final[rows],
+            "first": np.array(merged.first[block_id]),
+            "end": np.array(merged.first[block_id + 1]),
             "fixups": np.array([fixups[i].key for i in meets.tolist()], dtype=np.uint64),
             "fixup_offsets": np.cumsum([0] + [len(t) for t in chosen]).astype(np.int64),
             "fixup_final": np.concatenate([np.zeros(0, np.uint64), *chosen]),
         }
-    files.put_many(maps)
-    return merged
+        if len(maps) == FILES_PER_BATCH:
+            files.put_many(maps)
+            maps = {}
+    if maps:
+        files.put_many(maps)
+
+
+def _write_table(files: BlockFiles, plan: BlockPlan, merged: Merged, path: str, meta: VolumeMeta) -> None:
+    """The object table in ID order, block by block: each block's kept interior objects from its files with the
+    merged objects rooted in it, then the fix-up objects; only a batch of blocks is read at a time."""
+    with TableWriter(path, meta.voxel_size_nm, meta.voxel_offset) as table:
+        first, finals = merged.first, merged.final_ids
+        for ids in _batches(plan):
+            for block_id, stored in zip(ids, files.get_many([f"interior/{b}.npz" for b in ids]), strict=True):
+                inner = ObjectStats.from_arrays(stored)
+                begin, end = int(first[block_id]), int(first[block_id + 1])
+                own = slice(*np.searchsorted(finals, [begin + 1, end + 1]).tolist())
+                inner_finals = interior_finals(begin, end, finals[own], len(inner))
+                table.add(
+                    ObjectStats.concat([inner, merged.objects.select(own)]), np.concatenate([inner_finals, finals[own]])
+                )
+        extra = slice(int(np.searchsorted(finals, int(first[-1]) + 1)), len(finals))
+        table.add(merged.objects.select(extra), finals[extra])
 
 
 def _run_fixups(

@@ -1,8 +1,10 @@
 """The per-block work of the instance stage, run inside Dask workers: decode, match, relabel.
 
 Each task is a small picklable object holding what the block needs (URLs, region, resolved decoding
-settings); volumes are opened once per worker process and cached. Per-block summaries (object statistics,
-face pairs) go to small files beside the output, so that a resumed run finds those of skipped blocks.
+settings); volumes are opened once per worker process and cached. Per-block summaries go to small files beside
+the output, so that a resumed run finds those of skipped blocks: `border/` (the objects that touch a face between
+blocks, which the client merges), `interior/` (the block's other kept objects, which only its relabel task and the
+table read), `match/` (face pairs) and, from the merge, `map/` (final IDs of the block's border objects).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.instances.fixup import Fixup
 from pipeline.instances.ids import block_base, to_provisional
 from pipeline.instances.matching import adjacent_pairs, face_contacts, low_faces
 from pipeline.instances.measure import block_stats
+from pipeline.instances.merge import interior_finals, split_block
 from pipeline.volumes import Volume, open_volume
 
 
@@ -111,7 +114,7 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class DecodeTask:
-    """Pass 1: decode a block, write its provisional IDs, store its object statistics."""
+    """Pass 1: decode a block, write its provisional IDs, store its border and kept interior objects."""
 
     spec: StageSpec
 
@@ -125,7 +128,13 @@ class DecodeTask:
         base = np.uint64(block_base(block_id, spec.stride))
         stats.ids = stats.ids + base
         components = stats.ids if decoded.components is None else decoded.components.astype(np.uint64) + base
-        BlockFiles(spec.files).put(f"stats/{block_id}.npz", components=components, **stats.to_arrays())
+        border, interior = split_block(stats, components, roi, low, high, spec.decode.min_size)
+        BlockFiles(spec.files).put_many(
+            {
+                f"border/{block_id}.npz": border.to_arrays(),
+                f"interior/{block_id}.npz": {"num_labels": np.array(decoded.num_labels), **interior.to_arrays()},
+            }
+        )
         return decoded.num_labels
 
 
@@ -161,7 +170,10 @@ class MatchTask:
 
 @dataclass(frozen=True)
 class RelabelTask:
-    """Pass 3: map the block's provisional IDs to final IDs and write them into the output."""
+    """Pass 3: map the block's provisional IDs to final IDs and write them into the output.
+
+    Its map holds the final IDs of the block's border objects and the range of final IDs rooted in the block;
+    its kept interior objects take the IDs of that range that the border objects leave (`interior_finals`)."""
 
     spec: StageSpec
     output_url: str
@@ -169,10 +181,14 @@ class RelabelTask:
 
     def __call__(self, block: Block) -> int:
         spec, roi, block_id = self.spec, block.write_roi, block.block_id[1]
-        maps = BlockFiles(spec.files).get(f"map/{block_id}.npz")
-        table = maps["final"]
-        labels = spec.volume(spec.scratch_url).read(roi)[0]
+        maps, interior = BlockFiles(spec.files).get_many([f"map/{block_id}.npz", f"interior/{block_id}.npz"])
         base = np.uint64(block_base(block_id, spec.stride))
+        table = np.zeros(int(interior["num_labels"]) + 1, np.uint64)
+        table[maps["labels"]] = maps["final"]
+        first, end = int(maps["first"]), int(maps["end"])
+        inner = (interior["ids"] - base).astype(np.intp)
+        table[inner] = interior_finals(first, end, maps["final"], len(inner))
+        labels = spec.volume(spec.scratch_url).read(roi)[0]
         local = np.where(labels == 0, np.uint64(0), labels - base).astype(np.intp)
         out = table[local].astype(self.dtype)
         offsets = maps["fixup_offsets"].tolist()
