@@ -238,6 +238,7 @@ def prepare(config: SegmentConfig) -> SegmentRun:
         tile_trim=tuple(m - c for m, c in zip(grid.context, net.context, strict=True)),  # type: ignore[arg-type]
         input_scale=config.input_scale,
         input_checks=InputChecks(config.fill_missing, config.input_range),
+        batch_size=config.batch_size,
     )
     key = segment_job_key(config, source, plan, job, net.content_hash)
     targets = [

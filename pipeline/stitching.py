@@ -3,7 +3,9 @@
 Every voxel is predicted by the same patches whatever the block partition, worker count or sub-ROI:
 patch positions depend only on the volume's shape, padding only on the volume borders, and the weighted
 sum runs over the patches in global grid order. A block's result therefore equals the same voxels of a
-one-block run. NumPy only; the network is passed in as a function.
+one-block run. The network is passed in as a function, of one patch or of a batch of patches; the input, and so the
+sums, are NumPy arrays or torch tensors on the network's device (a GPU worker blends there and copies back only the
+finished block).
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import numpy as np
 from daisy import Roi
 
 from pipeline.errors import GeometryError
 from pipeline.geometry import Vec3
-from pipeline.median_filter import median_filter
+from pipeline.median_filter import median_filter, to_uint8
+
+if TYPE_CHECKING:  # the scheduler imports this module without torch
+    import torch
 
 Blending = Literal["gaussian", "bump", "constant"]
+
+Array: TypeAlias = "np.ndarray | torch.Tensor"
+PatchFn: TypeAlias = Callable[[Any], Any]
+"""An input patch (C, *patch_shape) to the probabilities of its output tile (K, *tile_shape)."""
 
 
 @lru_cache(maxsize=64)
@@ -149,43 +158,115 @@ def blend_weights(shape: Vec3, kind: Blending = "gaussian") -> np.ndarray:
     return weights
 
 
+@lru_cache(maxsize=8)
+def _weights_on(shape: Vec3, kind: Blending, device: str) -> torch.Tensor:
+    """`blend_weights` as a tensor on `device`: copied there once per worker process."""
+    import torch
+
+    return torch.tensor(blend_weights(shape, kind), device=device)
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A network that predicts a batch of patches per call: (N, C, *patch_shape) -> (N, K, *tile_shape), NumPy or
+    torch as its input. `predict_region` calls it with batches of one shape (the last one padded)."""
+
+    fn: Callable[[Any], Any]
+
+
+@overload
 def predict_region(
     raw: np.ndarray,
     read_roi: Roi,
     write_roi: Roi,
     grid: PatchGrid,
-    forward: Callable[[np.ndarray], np.ndarray],
+    forward: PatchFn | Batched,
+    blending: Blending = ...,
+    batch_size: int = ...,
+) -> np.ndarray: ...
+
+
+@overload
+def predict_region(
+    raw: torch.Tensor,
+    read_roi: Roi,
+    write_roi: Roi,
+    grid: PatchGrid,
+    forward: PatchFn | Batched,
+    blending: Blending = ...,
+    batch_size: int = ...,
+) -> torch.Tensor: ...
+
+
+def predict_region(
+    raw: Array,
+    read_roi: Roi,
+    write_roi: Roi,
+    grid: PatchGrid,
+    forward: PatchFn | Batched,
     blending: Blending = "gaussian",
-) -> np.ndarray:
+    batch_size: int = 1,
+) -> Array:
     """Blend the network's patch outputs over `write_roi` from the input `raw` covering `read_roi`.
 
-    `forward` maps an input patch (C, *patch_shape) to the probabilities of its cropped output
-    (K, *output_shape). Only the write region is accumulated, so memory stays that of one block.
+    `forward` maps an input patch (C, *patch_shape) to the probabilities of its cropped output (K, *output_shape),
+    or is `Batched`: then tiles go to it `batch_size` at a time in global grid order, the last batch filled up by
+    repeating its last patch (every call has the same shape, so a tile's output does not depend on the block it
+    is in; the extra outputs are dropped). Either way the tiles are summed one by one in global grid order.
+    Only the write region is accumulated, so memory stays that of one block; a torch `raw` is blended on its
+    device, and the result is a tensor there.
     """
-    weights = blend_weights(grid.output_shape, blending)
-    acc: np.ndarray | None = None
-    norm = np.zeros(write_roi.shape, dtype=np.float32)
-    for tile in grid.tiles(write_roi):
-        src = tile.grow(grid.context, grid.context)
-        patch = raw[(slice(None), *_local(src, read_roi))]
-        probs = forward(patch)
-        if acc is None:
-            acc = np.zeros((probs.shape[0], *write_roi.shape), dtype=np.float32)
-        part = tile.intersect(write_roi)
-        in_tile = _local(part, tile)
-        in_block = _local(part, write_roi)
-        w = weights[in_tile]
-        acc[(slice(None), *in_block)] += probs[(slice(None), *in_tile)] * w
-        norm[in_block] += w
+    if isinstance(raw, np.ndarray):
+        weights: Array = blend_weights(grid.output_shape, blending)
+    else:
+        weights = _weights_on(grid.output_shape, blending, str(raw.device))
+    acc: Any = None
+    norm = _zeros(write_roi.shape, raw)
+    tiles = list(grid.tiles(write_roi))
+    for first in range(0, len(tiles), batch_size):
+        batch = tiles[first : first + batch_size]
+        patches = [raw[(slice(None), *_local(t.grow(grid.context, grid.context), read_roi))] for t in batch]
+        if isinstance(forward, Batched):
+            padded = patches + patches[-1:] * (batch_size - len(patches))
+            outputs = forward.fn(_stack(padded))
+        else:
+            outputs = [forward(p) for p in patches]
+        for n, tile in enumerate(batch):
+            probs = outputs[n]
+            if acc is None:
+                acc = _zeros((probs.shape[0], *write_roi.shape), raw)
+            part = tile.intersect(write_roi)
+            in_tile = _local(part, tile)
+            in_block = _local(part, write_roi)
+            w = weights[in_tile]
+            acc_part, norm_part = acc[(slice(None), *in_block)], norm[in_block]  # views: summed in place
+            acc_part += probs[(slice(None), *in_tile)] * w  # a multiply, then an add: NumPy's rounding in torch too
+            norm_part += w
     assert acc is not None  # a non-empty write region always meets at least one tile
     return acc / norm
 
 
-def tile_forward(
-    forward: Callable[[np.ndarray], np.ndarray], median_size: int = 0, trim: Vec3 = (0, 0, 0)
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A tile's probabilities from a patch: `forward` (the network, its context cropped), a `median_size`^3 median
-    filter inside the tile, then `trim` voxels cut from each side.
+def _zeros(shape: Sequence[int], like: Array) -> Array:
+    """float32 zeros of `shape`, NumPy or torch on the device of `like`."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(tuple(shape), dtype=np.float32)
+    import torch
+
+    return torch.zeros(tuple(shape), dtype=torch.float32, device=like.device)
+
+
+def _stack(patches: list[Any]) -> Array:
+    """Patches of one shape as one batch, NumPy or torch as they are."""
+    if isinstance(patches[0], np.ndarray):
+        return np.stack(patches)
+    import torch
+
+    return torch.stack(patches)
+
+
+def tile_forward(forward: PatchFn | Batched, median_size: int = 0, trim: Vec3 = (0, 0, 0)) -> PatchFn | Batched:
+    """A tile's probabilities from a patch (or a batch's from a `Batched` batch): `forward` (the network, its context
+    cropped), a `median_size`^3 median filter inside the tile, then `trim` voxels cut from each side.
 
     Filtering each tile before blending, rather than the blended volume, keeps every tile's result a function of
     its patch alone: a block needs no prediction beyond its own tiles, so tiles aligned with blocks are computed
@@ -193,12 +274,13 @@ def tile_forward(
     """
     if median_size <= 1 and not any(trim):
         return forward
+    network = forward.fn if isinstance(forward, Batched) else forward
 
-    def tile(patch: np.ndarray) -> np.ndarray:
-        probs = median_filter(forward(patch), median_size)
-        return probs[(slice(None), *(slice(t, n - t) for t, n in zip(trim, probs.shape[1:], strict=True)))]
+    def tile(patches: Any) -> Any:
+        probs = median_filter(network(patches), median_size)
+        return probs[(..., *(slice(t, n - t) for t, n in zip(trim, probs.shape[-3:], strict=True)))]
 
-    return tile
+    return Batched(tile) if isinstance(forward, Batched) else tile
 
 
 def _local(roi: Roi, frame: Roi) -> tuple[slice, slice, slice]:
@@ -206,8 +288,16 @@ def _local(roi: Roi, frame: Roi) -> tuple[slice, slice, slice]:
     return tuple(slice(b - f, e - f) for b, e, f in zip(roi.begin, roi.end, frame.begin, strict=True))  # type: ignore[return-value]
 
 
-def to_output_dtype(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """Probabilities in [0, 1] as stored: uint8 (probability x 255, rounded), float16 or float32."""
+def to_output_dtype(probs: Array, dtype: str) -> np.ndarray:
+    """Probabilities in [0, 1] as stored, in host memory: uint8 (probability x 255, rounded), float16 or float32.
+
+    A tensor is converted on its device, so a GPU sends back a quarter of the bytes for uint8."""
     if dtype == "uint8":
-        return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return probs.astype(dtype)
+        stored = to_uint8(probs)
+    elif isinstance(probs, np.ndarray):
+        stored = probs.astype(dtype)
+    else:
+        import torch
+
+        stored = probs.to(getattr(torch, dtype))
+    return stored if isinstance(stored, np.ndarray) else stored.cpu().numpy()

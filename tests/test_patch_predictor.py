@@ -1,4 +1,4 @@
-"""The per-worker predictor: fast CPU layout equals the plain network, devices and precision."""
+"""The per-worker predictor: fast CPU layout equals the plain network, batches, devices and precision."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ def test_folded_channels_last_network_matches_the_plain_one(tiny_checkpoint) -> 
     a, b = plain(patch), fast(patch)
     assert a.shape == b.shape == (1, 6, 24, 24)  # cropped by the context (1, 4, 4) per side
     assert np.abs(a - b).max() < 1e-4 and a.min() >= 0.0 and a.max() <= 1.0
+
+
+def test_a_batch_equals_its_patches_one_by_one_and_tensors_stay_tensors(tiny_checkpoint) -> None:
+    predictor = Predictor(str(tiny_checkpoint), device="cpu")
+    assert predictor.batch_size == 1 and not predictor.blend_on_device  # the CPU defaults
+    patches = np.random.default_rng(2).random((3, 1, 8, 32, 32), dtype=np.float32)
+    batch = predictor.batch(patches)
+    assert isinstance(batch, np.ndarray) and batch.shape == (3, 1, 6, 24, 24)
+    one_by_one = np.stack([predictor(p) for p in patches])
+    assert np.abs(batch - one_by_one).max() < 1e-5  # the same network; kernels may round otherwise per batch size
+    on_device = predictor.to_device(patches)
+    assert isinstance(on_device, torch.Tensor) and np.array_equal(on_device.numpy(), patches)
+    found = predictor.batch(on_device)
+    assert isinstance(found, torch.Tensor) and np.array_equal(found.numpy(), batch)
 
 
 def test_fold_batch_norm_leaves_other_modules_alone() -> None:
@@ -54,3 +68,7 @@ def test_gpu_float16_matches_cpu_float32(tiny_checkpoint) -> None:
     assert gpu.device == "cuda" and gpu.autocast_dtype == torch.float16
     patch = np.random.default_rng(1).random((1, 8, 32, 32), dtype=np.float32)
     assert np.abs(cpu(patch) - gpu(patch)).max() < 1e-2
+    assert gpu.blend_on_device and gpu.batch_size == 4
+    patches = np.stack([patch, patch[:, ::-1].copy()])
+    on_gpu = gpu.batch(gpu.to_device(patches))  # through pinned memory, asynchronously
+    assert on_gpu.device.type == "cuda" and np.abs(on_gpu.cpu().numpy() - cpu.batch(patches)).max() < 1e-2

@@ -319,9 +319,11 @@ def test_blocks_aligned_with_tiles_compute_each_tile_once(raw_url, tiny_checkpoi
         calls.append(patch.shape)
         return np.full((1, *(p - 2 * c for p, c in zip(patch.shape[1:], (1, 4, 4), strict=True))), 0.5, np.float32)
 
-    for block in list(run.plan.blocks())[:5]:
+    # blocks away from the far faces, where the last tile moves back to end at the border (x 72 = 4 x 16 + 8)
+    inside = [b for b in run.plan.blocks() if b.write_roi.end[2] <= 48 and b.write_roi.end[1] <= 64][:5]
+    for block in inside:
         predict_block(block, job=run.job, predictor=network)
-    assert len(calls) == 5 and run.job.tile_trim == (1, 4, 4)
+    assert len(inside) == 5 and len(calls) == 5 and run.job.tile_trim == (1, 4, 4)
 
 
 def test_the_checkpoints_median_is_the_default_and_zero_turns_it_off(clients, raw_url, tiny_checkpoint, tmp_path):

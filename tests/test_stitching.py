@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from daisy import Roi
 
 from pipeline.errors import GeometryError
 from pipeline.stitching import (
+    Batched,
     PatchGrid,
     axis_starts,
     blend_weights,
@@ -26,12 +28,27 @@ def fake_network(patch: np.ndarray) -> np.ndarray:
     return np.tanh(3 * c + patch[:, :-2, 4:-4, 3:-5]) * 0.5 + ramp
 
 
-def run(volume: np.ndarray, roi: Roi, grid: PatchGrid) -> np.ndarray:
+def mixing_network(patches):
+    """A patch (or batch) function of NumPy arrays or torch tensors alike, with the same rounding in both (products
+    and sums only); its output depends on neighbours and on the position inside the patch."""
+    c = patches[..., 1:-1, 4:-4, 4:-4]
+    ramp = np.linspace(0.0, 0.1, c.shape[-1], dtype=np.float32)
+    if not isinstance(patches, np.ndarray):
+        ramp = torch.from_numpy(ramp)
+    return c * 0.6 + patches[..., :-2, 4:-4, 3:-5] * 0.3 + ramp
+
+
+def padded_input(volume: np.ndarray, roi: Roi, grid: PatchGrid) -> tuple[np.ndarray, Roi]:
     def read(r: Roi) -> np.ndarray:
         return volume[(slice(None), *(slice(b, e) for b, e in zip(r.begin, r.end, strict=True)))]
 
     read_roi = grid.read_roi(roi)
-    return predict_region(read_mirrored(read, read_roi, volume.shape[1:]), read_roi, roi, grid, fake_network)
+    return read_mirrored(read, read_roi, volume.shape[1:]), read_roi
+
+
+def run(volume: np.ndarray, roi: Roi, grid: PatchGrid) -> np.ndarray:
+    raw, read_roi = padded_input(volume, roi, grid)
+    return predict_region(raw, read_roi, roi, grid, fake_network)
 
 
 def test_mirror_indices_reflect_without_repeating_the_edge() -> None:
@@ -102,6 +119,64 @@ def test_tile_forward_filters_each_tile_then_cuts_its_edge() -> None:
     expected = median_filter(fake_network(patch), 3)[:, 1:-1, 2:-2, 2:-2]
     assert tile.shape == (1, 8, 28, 28) and np.array_equal(tile, expected)
     assert tile_forward(fake_network) is fake_network  # nothing to add: the network's output as it is
+    batch = np.stack([patch, patch[:, :, ::-1]])
+    tiles = tile_forward(Batched(Counting()), median_size=3, trim=(1, 2, 2))
+    assert isinstance(tiles, Batched)
+    assert np.array_equal(tiles.fn(batch)[0], tile) and np.array_equal(
+        tiles.fn(batch)[1], tile_forward(fake_network, median_size=3, trim=(1, 2, 2))(batch[1])
+    )
+
+
+def trimmed_grid(trim: tuple[int, int, int]) -> PatchGrid:
+    """The grid of 8x32x32 patches whose margin is the test networks' context (1, 4, 4) plus `trim`."""
+    return PatchGrid.with_overlap(
+        (8, 32, 32), tuple(c + t for c, t in zip((1, 4, 4), trim, strict=True)), 0.5, (17, 60, 64)
+    )
+
+
+VOLUME = np.random.default_rng(3).random((1, 17, 60, 64)).astype(np.float32)
+
+
+class Counting:
+    """A `Batched` network that records the shape of every batch it is called with."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes.append(batch.shape)
+        return np.stack([fake_network(p) for p in batch])
+
+
+@pytest.mark.parametrize("batch_size", [3, 7, 256])
+@pytest.mark.parametrize("median", [0, 3])
+def test_batches_equal_one_patch_at_a_time_bit_for_bit(batch_size: int, median: int) -> None:
+    roi, grid = Roi((2, 9, 20), (8, 30, 41)), trimmed_grid((1, 2, 2))  # 100 tiles
+    raw, read_roi = padded_input(VOLUME, roi, grid)
+    one = predict_region(raw, read_roi, roi, grid, tile_forward(fake_network, median, (1, 2, 2)))
+    network = Counting()
+    batched = predict_region(
+        raw, read_roi, roi, grid, tile_forward(Batched(network), median, (1, 2, 2)), "gaussian", batch_size
+    )
+    assert np.array_equal(one, batched)
+    tiles = sum(1 for _ in grid.tiles(roi))
+    assert tiles % batch_size and len(network.shapes) == -(-tiles // batch_size)  # the last batch is a partial one
+    assert set(network.shapes) == {(batch_size, 1, 8, 32, 32)}  # padded: every call has the same shape
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize(("median", "trim"), [(0, (0, 0, 0)), (3, (1, 2, 2)), (5, (0, 0, 0))])
+def test_torch_input_is_blended_on_its_device_bit_for_bit(batch_size: int, median: int, trim) -> None:
+    """The device path (torch tensors, here on the CPU) sums the same tiles in the same order as NumPy."""
+    roi, grid = Roi((0, 5, 7), (9, 30, 41)), trimmed_grid(trim)
+    raw, read_roi = padded_input(VOLUME, roi, grid)
+    expected = predict_region(raw, read_roi, roi, grid, tile_forward(mixing_network, median, trim))
+    forward = tile_forward(Batched(mixing_network), median, trim)
+    found = predict_region(torch.from_numpy(raw), read_roi, roi, grid, forward, "gaussian", batch_size)
+    assert isinstance(found, torch.Tensor) and found.dtype == torch.float32
+    assert np.array_equal(found.numpy(), expected)
+    for dtype in ("uint8", "float16", "float32"):
+        assert np.array_equal(to_output_dtype(found, dtype), to_output_dtype(expected, dtype))
 
 
 @pytest.mark.parametrize("block", [(4, 16, 16), (5, 24, 20), (17, 60, 64), (3, 7, 64)])
@@ -143,3 +218,6 @@ def test_output_dtypes() -> None:
     p = np.array([0.0, 0.5, 1.0, 1.2], np.float32)
     assert to_output_dtype(p, "uint8").tolist() == [0, 128, 255, 255]
     assert to_output_dtype(p, "float16").dtype == np.float16
+    on_device = to_output_dtype(torch.from_numpy(p), "uint8")  # converted where the tensor is, then to the host
+    assert isinstance(on_device, np.ndarray) and on_device.tolist() == [0, 128, 255, 255]
+    assert to_output_dtype(torch.from_numpy(p), "float16").dtype == np.float16

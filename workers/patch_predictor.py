@@ -1,4 +1,4 @@
-"""The network as a per-patch function, set up once per worker: device, precision, fast CPU layout."""
+"""The network as a per-patch and a per-batch function, set up once per worker: device, precision, fast CPU layout."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import numpy as np
 from pipeline.network.tta import TTAMode, predict_probabilities
 
 log = logging.getLogger(__name__)
+
+BATCH_SIZE = {"cpu": 1, "cuda": 4}
+"""Patches per network call when the job sets none: a GPU needs several to stay busy, a CPU gains nothing."""
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -38,7 +41,11 @@ def set_torch_threads() -> None:
 
 
 class Predictor:
-    """Maps an input patch (C, Z, Y, X) to the cropped output probabilities (K, Z', Y', X')."""
+    """Maps an input patch (C, Z, Y, X) to the cropped output probabilities (K, Z', Y', X'), or a batch of them.
+
+    On a GPU the blocks are blended there (`blend_on_device`): a block's input goes to the device once
+    (`to_device`), the patches are slices of it, and only the finished block comes back.
+    """
 
     def __init__(self, checkpoint_path: str, device: str = "auto", precision: str = "auto", optimize: bool = True):
         import torch
@@ -58,6 +65,10 @@ class Predictor:
         """Where and at which precision it runs: part of every block record, since both change the bytes."""
         self.autocast_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision)
         self.memory_format = torch.contiguous_format
+        self.batch_size = BATCH_SIZE[self.device]
+        """Patches per network call when the job sets none."""
+        self.blend_on_device = self.device == "cuda"
+        """Whether blocks are blended on this device (torch tensors) rather than in NumPy."""
         if optimize:
             self._optimize()
 
@@ -94,14 +105,33 @@ class Predictor:
 
     def __call__(self, patch: np.ndarray, tta: TTAMode = "none") -> np.ndarray:
         """Probabilities of one patch, averaged over the test-time augmentation variants of `tta`."""
+        return self.batch(patch[None], tta)[0]
+
+    def batch(self, patches: Any, tta: TTAMode = "none") -> Any:
+        """Probabilities of a batch (N, C, Z, Y, X) of patches, cropped by the context: a NumPy array for a NumPy
+        batch, else a tensor on this device."""
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None].to(self.device)
+            if isinstance(patches, np.ndarray):
+                x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(self.device)
+            else:
+                x = patches.to(self.device, torch.float32)
             probs = predict_probabilities(self._logits, x, tta)
             cz, cy, cx = self.context
             z, y, xx = probs.shape[2:]
-            return probs[0, :, cz : z - cz, cy : y - cy, cx : xx - cx].cpu().numpy()
+            probs = probs[:, :, cz : z - cz, cy : y - cy, cx : xx - cx]
+            return probs.cpu().numpy() if isinstance(patches, np.ndarray) else probs
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """`array` as a tensor on this device; to a GPU through pinned memory, asynchronously (the network's kernels
+        queue behind the copy on the same stream, so the host goes on at once)."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
 
 def fold_batch_norm(network: Any) -> Any:

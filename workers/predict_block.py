@@ -1,5 +1,8 @@
 """Per-block prediction inside a Dask worker: read with mirror padding, blend patches, write the valid region.
 
+A worker's network (`workers.patch_predictor.Predictor`) predicts a batch of patches per call; on a GPU the block's
+input is copied there once and blended, median-filtered and quantised there, and only the written bytes come back.
+
 A block first fingerprints the input region it reads (context included); when its previous record names the
 same job, device class and fingerprint, the data it wrote then is still what it would write now, so it skips the
 network and writes nothing.
@@ -17,8 +20,18 @@ from pipeline.errors import StorageError
 from pipeline.network.inputs import InputChecks
 from pipeline.network.tta import TTAMode
 from pipeline.resume import BlockRecord, Recorded, fingerprint
-from pipeline.stitching import Blending, PatchGrid, predict_region, read_mirrored, tile_forward, to_output_dtype
+from pipeline.stitching import (
+    Batched,
+    Blending,
+    PatchFn,
+    PatchGrid,
+    predict_region,
+    read_mirrored,
+    tile_forward,
+    to_output_dtype,
+)
 from pipeline.volumes import Volume, open_volume
+from workers.patch_predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class PredictJob:
     """Name of the worker plugin that runs this job's network (`workers.plugin.plugin_name`)."""
     output_ids: tuple[str, ...] = ()
     """Identity of each output (stored in its metadata when it was created), in `output_urls` order."""
+    batch_size: int | None = None
+    """Patches per network call; None = the worker's default for its device (`Predictor.batch_size`)."""
 
 
 @lru_cache(maxsize=16)
@@ -75,7 +90,7 @@ def predict_block(
     """Predict `block.write_roi` and write it to every output, unless `previous` shows it unchanged.
 
     Returns the number of voxels written with the block's record. `predictor` defaults to the job's network on
-    this worker; tests may pass any patch function instead.
+    this worker; tests may pass any patch function instead (called once per patch, blended in NumPy).
     """
     if predictor is None:
         from workers.plugin import worker_predictor
@@ -87,10 +102,15 @@ def predict_block(
     record = BlockRecord(f"{job.key}/{getattr(predictor, 'device_class', 'other')}", fingerprint(read))
     if previous == record:
         return Recorded(0, record, unchanged=True)
-    raw = job.input_checks.scale(read, source, read_roi)
-    patch_fn = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
-    tile_fn = tile_forward(patch_fn, job.median_size, job.tile_trim)
-    probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending)
+    raw: Any = job.input_checks.scale(read, source, read_roi)
+    forward: PatchFn | Batched = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
+    batch_size = 1
+    if isinstance(predictor, Predictor):
+        forward, batch_size = Batched(partial(predictor.batch, tta=job.tta)), job.batch_size or predictor.batch_size
+        if predictor.blend_on_device:
+            raw = predictor.to_device(raw)  # once per block; the patches are slices of it on the device
+    tile_fn = tile_forward(forward, job.median_size, job.tile_trim)
+    probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending, batch_size)
     data = to_output_dtype(probs, job.output_dtype)
     for n, url in enumerate(job.output_urls):
         _output(url, job.output_ids[n] if job.output_ids else "").write(block.write_roi, data)

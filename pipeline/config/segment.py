@@ -89,6 +89,12 @@ class SegmentConfig(ClusterJob):
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 autocast on GPU, float32 on CPU (bf16 is slow on CPUs)."
     )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Patches per network call on a worker (a block's last batch is padded to full size, so results "
+        "do not depend on the block): more keep a GPU busy, at that many patches' memory. None = 1 on CPU, 4 on a GPU.",
+    )
     gpu_resource: bool = Field(False, description="Ask Dask for one 'GPU' worker resource per block.")
     resume: bool = Field(
         True,
