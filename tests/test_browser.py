@@ -257,3 +257,46 @@ def test_zarr_and_precomputed_outputs_line_up(driver: Any, tmp_path: Path) -> No
             time.sleep(1)
             columns.append(_first_bright_column(driver, tmp_path / f"edge-{layer.name}.png"))
     assert abs(columns[0] - columns[1]) <= 2, f"edge at screen column {columns} (20 px per voxel)"
+
+
+@pytest.mark.parametrize("mesh_format", ["sharded", "legacy"])
+def test_meshes_draw_in_the_3d_view(driver: Any, client: Any, tmp_path: Path, mesh_format: str) -> None:
+    """Each object's mesh, of a precomputed layer and of a zarr one (a second source), drawn alone in 3D."""
+    from PIL import Image
+
+    from pipeline.viewing.layers import open_layers
+    from pipeline.viewing.meshes import add_meshes
+    from pipeline.viewing.server import DataServer, start_viewer
+    from pipeline.viewing.state import build_state
+    from pipeline.volumes import VolumeMeta, create_volume
+
+    labels = np.zeros((32, 64, 64), dtype=np.uint64)
+    labels[4:28, 8:40, 8:30], labels[10:20, 30:60, 36:60] = 1, 2
+    meta = VolumeMeta(
+        shape=labels.shape,
+        dtype=labels.dtype,
+        chunks=(16, 32, 32),
+        voxel_size_nm=(8.0, 4.0, 4.0),
+        layer_type="segmentation",
+    )
+    urls = [f"precomputed://file://{tmp_path}/seg", f"zarr://file://{tmp_path}/seg.zarr/seg"]
+    for url in urls:
+        create_volume(url, meta).write(meta.roi, labels[None])
+        assert add_meshes(client, url, mesh_format=mesh_format, min_chunk_voxels=4, progress=False).ok
+    layers = open_layers(urls)
+    drawn = {}
+    with DataServer({layer.name: layer.url.local_path for layer in layers}) as server:
+        for layer in layers:
+            state = build_state([layer.served_from(server.url)], layout="3d") | {"showSlices": False}
+            _, url = start_viewer(state)
+            driver.get(url)
+            loaded = _wait_until_loaded(driver)
+            errors = [s for one in loaded["layers"] for s in one["sources"] if s != "ok"]
+            assert not errors and not any("rror" in m for m in loaded["statusMessages"]), loaded
+            time.sleep(2)  # let the meshes arrive and be drawn
+            path = tmp_path / f"3d-{layer.name}.png"
+            driver.save_screenshot(str(path))
+            panel = np.asarray(Image.open(path).convert("RGB")).astype(int)[60:740, 20:1080]  # not the side panel
+            box = (panel[..., 0] > 150) & (panel[..., 1] > 150) & (panel[..., 2] < 100)  # the volume's yellow box
+            drawn[layer.name] = float(((panel.max(axis=-1) > 60) & ~box).mean())
+    assert all(fraction > 0.03 for fraction in drawn.values()), f"{drawn}; see the 3d-*.png in {tmp_path}"

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pipeline.config.cluster import ClusterJob
 
 LABEL_DTYPES = ("uint64", "uint32")
+MeshFormat = Literal["sharded", "legacy"]
 
 
 class DecodeConfig(BaseModel):
@@ -70,6 +71,11 @@ class InstancesConfig(ClusterJob):
     dtype: str = Field("uint64", description="Label type of the output: 'uint64' or 'uint32'.")
     resume: bool = Field(True, description="Skip blocks recorded as done by an earlier run of the same job.")
     viewing: bool = Field(True, description="Add pyramid levels, meshes and segment properties for Neuroglancer.")
+    mesh_format: MeshFormat = Field(
+        "sharded",
+        description="Meshes as a few shard files of multi-resolution meshes (Neuroglancer loads any object with a "
+        "few range requests), or 'legacy': one file per object per block, fine for thousands of objects only.",
+    )
     keep_scratch: bool = Field(False, description="Keep the provisional labels and per-block files after success.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Decoding thresholds and method.")
 

@@ -266,6 +266,7 @@ def prepare_instances(config: InstancesConfig) -> InstancesJob:
         chunks=meta.chunks,
         input_content=content,
         dtype=config.dtype,
+        meshes=config.mesh_format if config.viewing else None,  # another mesh format is another output
         **job.record(),
     )
     target = _version_for(output, key, label_meta(meta, config.dtype)) if config.resume else output
@@ -380,7 +381,7 @@ def _run_instances(job: InstancesJob, client: Any, progress: bool) -> InstancesR
         result.table = cfg.table
     if cfg.viewing:
         result.pyramid = add_pyramid(client, job.output_url, progress=progress)
-        result.meshes = add_meshes(client, job.output_url, progress=progress)
+        result.meshes = add_meshes(client, job.output_url, mesh_format=cfg.mesh_format, progress=progress)
     if result.ok:  # every stage finished: an unchanged re-run of this job does nothing (`_unchanged`)
         final = open_volume(job.output_url, mode="r+")  # afresh: the viewing stages added scales to its metadata
         final.set_provenance({**final.provenance, "complete": True})

@@ -1,10 +1,12 @@
 """Meshes and segment properties of a segmentation volume, so each object can be listed and seen in 3D.
 
-Each block meshes its objects with zmesh (marching cubes plus simplification) and writes one fragment
-per object in Neuroglancer's legacy precomputed mesh format; blocks read one extra voxel on their high
-faces, so neighbouring fragments meet without gaps, and meshes close only at the volume border. The
-client then writes one manifest per object (`<id>:0`, listing its fragments) and the segment properties
-(`size` in voxels, `volume_um3`). A precomputed layer gets them in its own folder (`mesh`,
+Each block meshes its objects with zmesh (marching cubes); blocks read one extra voxel on their high faces,
+so neighbouring pieces meet without gaps, and meshes close only at the volume border. Two formats:
+`sharded` (`pipeline.viewing.sharded_meshes`: one fragment file per block, then one merge task per shard
+writes multi-resolution meshes into a few shard files) and `legacy` (each block simplifies and writes one
+file per object; the client writes one manifest per object, `<id>:0`, listing its fragments: fine for
+thousands of objects, not millions). The client also writes the segment properties (`size` in voxels,
+`volume_um3`). A precomputed layer gets them in its own folder (`mesh`,
 `segment_properties`, named in its `info`); a zarr volume gets a precomputed companion folder `meshes`
 inside its group, which the Neuroglancer state adds as a second source of the layer.
 """
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from daisy import Block, Roi
 
+from pipeline.config.instances import MeshFormat
 from pipeline.errors import ConfigError
 from pipeline.execution import RunResult, run_blockwise
 from pipeline.geometry import Vec3, whole_chunks
 from pipeline.plan import plan_blocks
+from pipeline.viewing import sharded_meshes
 from pipeline.volumes import Volume, open_volume, parse_volume_url
 from pipeline.volumes.precomputed_volume import PrecomputedVolume
 
@@ -43,6 +48,8 @@ class MeshResult:
     run: RunResult | None = None
     sizes: dict[int, int] = field(default_factory=dict)
     """Voxel count of every object."""
+    shards: int = 0
+    """Shard files written (sharded format); the merge's failures are listed in `run` as mesh blocks."""
 
     @property
     def ok(self) -> bool:
@@ -59,12 +66,14 @@ def mesh_location(volume: Volume) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class MeshBlock:
-    """Per-block task: mesh every object of the block and write one fragment per object."""
+    """Per-block task: mesh every object of the block and write one fragment per object (legacy, simplified), or
+    one file of every object's unsimplified piece (`sharded`: simplified after the merge)."""
 
     url: str
     mesh_dir: str
     reduction_factor: int = 10
     max_error_nm: float | None = None
+    sharded: bool = False
 
     def __call__(self, block: Block) -> dict[int, tuple[int, bool]]:
         """Return {object id: (voxels inside the write region, whether a fragment was written)}."""
@@ -92,22 +101,30 @@ class MeshBlock:
         mesher = zmesh.Mesher(size_xyz)
         mesher.mesh(np.asfortranarray(padded.transpose()), close=False)
         files = CloudFiles(self.mesh_dir)
-        written: set[int] = set()
+        pieces: dict[int, Any] = {}
         for label in mesher.ids():
             mesh = mesher.get(
                 label,
                 normals=False,
-                reduction_factor=self.reduction_factor,
-                max_error=self.max_error_nm,
+                reduction_factor=0 if self.sharded else self.reduction_factor,
+                max_error=None if self.sharded else self.max_error_nm,
                 voxel_centered=True,
             )
             mesher.erase(label)
             if len(mesh.faces):
                 mesh.vertices += origin_nm.astype(np.float32)
-                files.put(
-                    f"{label}:0:{block.block_id[1]}", mesh.to_precomputed(), compress=None, cache_control="no-cache"
-                )
-                written.add(int(label))
+                pieces[int(label)] = mesh
+        block_id = block.block_id[1]
+        if self.sharded and pieces:
+            data = sharded_meshes.encode_block_fragments(pieces)
+            files.put(f"{sharded_meshes.FRAGMENTS}/{block_id}.npz", data, compress=None, cache_control="no-cache")
+        elif pieces:
+            files.puts(
+                ((f"{label}:0:{block_id}", mesh.to_precomputed()) for label, mesh in pieces.items()),
+                compress=None,
+                cache_control="no-cache",
+            )
+        written = set(pieces)
         return {i: (n, i in written) for i, n in sizes.items()} | {i: (0, True) for i in written - sizes.keys()}
 
 
@@ -146,16 +163,22 @@ def add_meshes(
     client: Any,
     url: str,
     *,
+    mesh_format: MeshFormat = "sharded",
     block_shape: Vec3 | None = None,
     reduction_factor: int = 10,
     max_error_nm: float | None = None,
+    max_lods: int = 3,
+    min_chunk_voxels: int = 16,
+    labels_per_shard: int = sharded_meshes.LABELS_PER_SHARD,
     max_in_flight: int | None = None,
     progress: bool = True,
 ) -> MeshResult:
     """Mesh every object of the segmentation at `url` and write its segment properties, on Dask.
 
-    `block_shape` (z, y, x voxels, whole chunks; about 128 x 256 x 256 by default) sets the fragment size;
-    `reduction_factor` and `max_error_nm` control zmesh's simplification. Earlier meshes are replaced.
+    `block_shape` (z, y, x voxels, whole chunks; about 128 x 256 x 256 by default) sets the piece size;
+    `reduction_factor` (and, legacy only, `max_error_nm`) control the simplification. Sharded meshes get up to
+    `max_lods` levels of detail (an object gets one more for each doubling of its smallest extent beyond
+    `min_chunk_voxels`) and `labels_per_shard` objects per shard file. Earlier meshes are replaced.
     """
     from cloudfiles import CloudFiles
 
@@ -166,18 +189,17 @@ def add_meshes(
             f"{url} is a {meta.layer_type} volume of {meta.num_channels} {meta.dtype} channel(s); meshes need a "
             "one-channel integer segmentation (layer_type 'segmentation')"
         )
+    sharded = mesh_format == "sharded"
+    if sharded and max_error_nm is not None:
+        raise ConfigError("max_error_nm applies to legacy meshes only; sharded ones use reduction_factor")
     mesh_dir, properties_dir = mesh_location(volume)
     result = MeshResult(mesh_dir)
     files = CloudFiles(mesh_dir)
     files.delete(list(files.list()))
-    mesh_info: dict[str, Any] = {"@type": "neuroglancer_legacy_mesh"}
-    if volume.url.kind == "zarr":
-        mesh_info["segment_properties"] = "segment_properties"
-    files.put_json("info", mesh_info)
 
     plan = plan_blocks(meta.shape, meta.chunks, block_shape or whole_chunks(DEFAULT_BLOCK_VOXELS, meta.chunks))
     parsed = str(parse_volume_url(url))
-    task = MeshBlock(parsed, mesh_dir, reduction_factor, max_error_nm)
+    task = MeshBlock(parsed, mesh_dir, reduction_factor, max_error_nm, sharded)
     run = run_blockwise(
         client,
         plan,
@@ -188,16 +210,32 @@ def add_meshes(
         keep_results=True,
     )
     result.run = run
-    fragments: dict[int, list[str]] = {}
+    fragments: dict[int, list[int]] = {}
     for block_id, objects in sorted(run.results.items()):
         for label, (count, meshed) in objects.items():
             result.sizes[label] = result.sizes.get(label, 0) + count
             if meshed:
-                fragments.setdefault(label, []).append(f"{label}:0:{block_id}")
-    files.puts(
-        ((f"{label}:0", json.dumps({"fragments": names}).encode()) for label, names in fragments.items()),
-        compress=None,
-    )
+                fragments.setdefault(label, []).append(block_id)
+    mesh_info: dict[str, Any] = {"@type": "neuroglancer_legacy_mesh"}
+    if sharded:
+        sharding = sharded_meshes.sharding_spec(len(fragments), labels_per_shard)
+        mesh_info = sharded_meshes.mesh_info(meta.voxel_size_nm, sharding)
+        if run.ok:  # else a re-run remeshes: every block's pieces are needed
+            merge = sharded_meshes.MergeShard(
+                mesh_dir, sharding, meta.voxel_size_nm, reduction_factor, max_lods, min_chunk_voxels
+            )
+            result.shards = _write_shards(client, merge, fragments, run, max_in_flight, progress)
+    else:
+        files.puts(
+            (
+                (f"{label}:0", json.dumps({"fragments": [f"{label}:0:{b}" for b in blocks]}).encode())
+                for label, blocks in fragments.items()
+            ),
+            compress=None,
+        )
+    if volume.url.kind == "zarr":
+        mesh_info["segment_properties"] = "segment_properties"
+    files.put_json("info", mesh_info)
     CloudFiles(properties_dir).put_json("info", segment_properties(result.sizes, meta.voxel_size_nm))
     result.objects = len(fragments)
     if isinstance(volume, PrecomputedVolume):
@@ -205,5 +243,43 @@ def add_meshes(
         info.update(mesh="mesh", segment_properties="segment_properties")
         volume.cv.info = info
         volume.cv.commit_info()
-    log.info("meshes of %d object(s) written to %s", result.objects, mesh_dir)
+    log.info("%s meshes of %d object(s) written to %s", mesh_format, result.objects, mesh_dir)
     return result
+
+
+def _write_shards(
+    client: Any,
+    task: sharded_meshes.MergeShard,
+    fragments: dict[int, list[int]],
+    run: RunResult,
+    max_in_flight: int | None,
+    progress: bool,
+) -> int:
+    """The sharded format's second pass: list each shard's objects ({id: blocks holding its pieces}), then one
+    blockwise task per shard; failed shards join `run`'s failures. Returns the number of shard files written; the
+    scratch goes once all are."""
+    from cloudfiles import CloudFiles
+
+    by_shard: dict[str, list[int]] = {}
+    for label in sorted(fragments):
+        by_shard.setdefault(sharded_meshes.shard_name(task.sharding, label), []).append(label)
+    names = sorted(by_shard)
+    if not names:
+        return 0
+    lists = (
+        (f"{sharded_meshes.FRAGMENTS}/shard-{k}.npz", sharded_meshes.shard_list(by_shard[n], fragments))
+        for k, n in enumerate(names)
+    )
+    CloudFiles(task.mesh_dir).puts(lists, compress=None)
+    plan = plan_blocks((1, 1, len(names)), (1, 1, 1), (1, 1, 1))  # block k: the k-th shard
+    merged = run_blockwise(
+        client, plan, task, max_in_flight=max_in_flight, description="mesh shards", progress=progress
+    )
+    run.failures += [replace(f, write_roi=f"shard {names[f.block_id]}") for f in merged.failures]
+    if merged.ok:
+        scratch = f"{task.mesh_dir}/{sharded_meshes.FRAGMENTS}"
+        if scratch.startswith("file://"):
+            shutil.rmtree(scratch[len("file://") :], ignore_errors=True)
+        else:
+            CloudFiles(scratch).delete(list(CloudFiles(scratch).list()))
+    return merged.completed
