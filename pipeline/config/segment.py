@@ -51,7 +51,11 @@ class SegmentConfig(ClusterJob):
         "checkpoint was trained at before the job is refused (0.25 = 25 %).",
     )
     roi: str | None = Field(None, description="Region OFFSET:SHAPE in z,y,x voxels; the whole volume when absent.")
-    block_size: Vec3 = Field((64, 256, 256), description="Write block (z, y, x) in voxels; whole output chunks.")
+    block_size: Vec3 = Field(
+        (64, 1024, 1024),
+        description="Write block (z, y, x) in voxels; whole output chunks. Patches that straddle a block border are "
+        "predicted by each block they meet, so large blocks compute less twice.",
+    )
     chunk_size: Vec3 = Field((32, 128, 128), description="Output chunk (z, y, x) in voxels, for new outputs.")
     shard_size: Vec3 | None = Field(
         None,
