@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
+import numpy as np
 from daisy import Block
 
 from pipeline.errors import StorageError
@@ -25,6 +26,7 @@ from pipeline.stitching import (
     Blending,
     PatchFn,
     PatchGrid,
+    one_at_a_time,
     predict_region,
     read_mirrored,
     tile_forward,
@@ -32,6 +34,7 @@ from pipeline.stitching import (
 )
 from pipeline.volumes import Volume, open_volume
 from workers.patch_predictor import Predictor
+from workers.tile_cache import worker_tile_cache
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ def predict_block(
         if predictor.blend_on_device:
             raw = predictor.to_device(raw)  # once per block; the patches are slices of it on the device
     tile_fn = tile_forward(forward, job.median_size, job.tile_trim)
+    if isinstance(predictor, Predictor) and batch_size == 1 and isinstance(raw, np.ndarray):
+        # tiles one by one on the CPU: the worker keeps them for the neighbouring blocks that need them too
+        tile_fn = worker_tile_cache().wrap(one_at_a_time(tile_fn), f"{job.key}/{predictor.device_class}")
     probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending, batch_size)
     data = to_output_dtype(probs, job.output_dtype)
     for n, url in enumerate(job.output_urls):
