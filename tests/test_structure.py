@@ -43,6 +43,8 @@ def config_models() -> dict[str, type]:
 
     models: dict[str, type] = {
         "demo.yaml": SegmentConfig,
+        "demo_sharded.yaml": SegmentConfig,
+        "lucchi_fast.yaml": SegmentConfig,
         "score_lucchi_test.yaml": SegmentConfig,
         "demo_train.yaml": TrainConfig,
         "finetune_example.yaml": TrainConfig,

@@ -155,7 +155,7 @@ def test_help_shows_defaults_and_the_allowed_values_of_every_choice(command: str
     options = {p.name: p for p in group.commands[command].params if p.param_type_name == "option"}
     assert options["workers"].show_default == config_default(model, "cluster.workers") == "1"
     if command == "segment":
-        assert options["block_size"].show_default == "64,256,256"
+        assert options["block_size"].show_default == "64,1024,1024"
         assert options["tta"].show_default == "none" and options["cluster"].show_default == "local"
         assert "<none|yx|zyx>" in invoke([command, "--help"]).output
         refused = invoke([command, "--tta", "bogus"])
