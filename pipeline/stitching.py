@@ -283,14 +283,6 @@ def tile_forward(forward: PatchFn | Batched, median_size: int = 0, trim: Vec3 = 
     return Batched(tile) if isinstance(forward, Batched) else tile
 
 
-def one_at_a_time(forward: PatchFn | Batched) -> PatchFn:
-    """`forward` as a function of one patch: a `Batched` one called with batches of one (the same bytes as
-    `predict_region` with `batch_size` 1)."""
-    if not isinstance(forward, Batched):
-        return forward
-    return lambda patch: forward.fn(_stack([patch]))[0]
-
-
 def _local(roi: Roi, frame: Roi) -> tuple[slice, slice, slice]:
     """Slices of `roi` inside an array that covers `frame`."""
     return tuple(slice(b - f, e - f) for b, e, f in zip(roi.begin, roi.end, frame.begin, strict=True))  # type: ignore[return-value]

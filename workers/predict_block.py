@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
-import numpy as np
 from daisy import Block
 
 from pipeline.errors import StorageError
@@ -26,7 +25,6 @@ from pipeline.stitching import (
     Blending,
     PatchFn,
     PatchGrid,
-    one_at_a_time,
     predict_region,
     read_mirrored,
     tile_forward,
@@ -109,13 +107,15 @@ def predict_block(
     forward: PatchFn | Batched = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
     batch_size = 1
     if isinstance(predictor, Predictor):
-        forward, batch_size = Batched(partial(predictor.batch, tta=job.tta)), job.batch_size or predictor.batch_size
+        batch_size = job.batch_size or predictor.batch_size
         if predictor.blend_on_device:
             raw = predictor.to_device(raw)  # once per block; the patches are slices of it on the device
+        if batch_size > 1 or predictor.blend_on_device:
+            forward = Batched(partial(predictor.batch, tta=job.tta))
     tile_fn = tile_forward(forward, job.median_size, job.tile_trim)
-    if isinstance(predictor, Predictor) and batch_size == 1 and isinstance(raw, np.ndarray):
+    if isinstance(predictor, Predictor) and not isinstance(tile_fn, Batched):
         # tiles one by one on the CPU: the worker keeps them for the neighbouring blocks that need them too
-        tile_fn = worker_tile_cache().wrap(one_at_a_time(tile_fn), f"{job.key}/{predictor.device_class}")
+        tile_fn = worker_tile_cache().wrap(tile_fn, f"{job.key}/{predictor.device_class}")
     probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending, batch_size)
     data = to_output_dtype(probs, job.output_dtype)
     for n, url in enumerate(job.output_urls):
