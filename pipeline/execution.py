@@ -13,6 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -91,6 +92,10 @@ def dask_completions() -> Completions:
 TASK_SECONDS = 1.0
 """With `blocks_per_task=None`, tasks carry as many adjacent blocks as take about this long (measured)."""
 
+STAGED_TASK_SECONDS = 10.0
+"""The same for `BlockStages`: long enough that fast (GPU) blocks travel several to a task, so their reads and
+writes overlap compute."""
+
 MAX_BLOCKS_PER_TASK = 1024
 
 
@@ -145,30 +150,48 @@ def _previous(task: BlockTask, row: int) -> BlockRecord | None:
     return BlockRecord(task.previous.names[task.previous.jobs[row]], raw.hex() if any(raw) else "")
 
 
+@dataclass(frozen=True)
+class BlockStages:
+    """A block function in three stages, so that a task of several blocks reads the next block and writes the last
+    one (in one I/O thread) while it computes this one (e.g. on a GPU).
+
+    `read(block, previous)` returns what `compute` takes; `compute` (in the task's own thread, where a Dask worker's
+    state is found) returns what `write` takes, or the block's final value (a `Recorded` that is `unchanged`) when
+    the block needs no write; `write` returns the block's value. Called together, they are the plain block
+    function."""
+
+    read: Callable[[Block, BlockRecord | None], Any]
+    compute: Callable[[Any], Any]
+    write: Callable[[Any], Any]
+
+    def __call__(self, block: Block, previous: BlockRecord | None = None) -> Any:
+        computed = self.compute(self.read(block, previous))
+        return computed if _final(computed) else self.write(computed)
+
+
+def _final(value: Any) -> bool:
+    """Whether a compute stage's value already is the block's value (nothing to write)."""
+    return isinstance(value, Recorded) and value.unchanged
+
+
 def _run_task(fn: Callable[..., Any], task: BlockTask) -> TaskOutcome:
     """Run a task's blocks one after another on a worker, each retried on its own; one block's failure is its own.
 
-    A checking task also hands each block its previous record (or None)."""
+    A checking task also hands each block its previous record (or None). With `BlockStages`, the next block's read
+    and the last block's write overlap this block's compute; the task returns only once every write has finished.
+    """
+    values = _staged_values(fn, task) if isinstance(fn, BlockStages) else _plain_values(fn, task)
     errors: dict[int, str] = {}
-    values: dict[int, Any] = {}
+    kept: dict[int, Any] = {}
     records: dict[int, BlockRecord] = {}
     unchanged = voxels = 0
     seconds = 0.0
-    for row, block_id in enumerate(task.ids.tolist()):
-        block = task.plan.block(block_id)
-        clock = time.perf_counter()
-        for attempt in range(task.retries + 1):
-            try:
-                value = fn(block, _previous(task, row)) if task.previous is not None else fn(block)
-                break
-            except Exception as error:
-                if attempt == task.retries:
-                    errors[block_id] = error_text(error)
-                else:
-                    log.warning("block %d failed (attempt %d), retrying: %s", block_id, attempt + 1, error)
-        if block_id in errors:
+    for block_id, (ok, value, took) in values.items():
+        if not ok:
+            errors[block_id] = value
             continue
-        seconds += time.perf_counter() - clock
+        block = task.plan.block(block_id)
+        seconds += took
         computed, record = True, BlockRecord(task.record_job) if task.record_job is not None else None
         if isinstance(value, Recorded):
             computed, record, value = not value.unchanged, value.record, value.value
@@ -179,9 +202,103 @@ def _run_task(fn: Callable[..., Any], task: BlockTask) -> TaskOutcome:
         else:
             unchanged += 1
         if task.keep_results:
-            values[block_id] = value
+            kept[block_id] = value
     completed = len(task.ids) - len(errors) - unchanged
-    return TaskOutcome(errors, RecordBatch.of(records), completed, unchanged, voxels, seconds, values)
+    return TaskOutcome(errors, RecordBatch.of(records), completed, unchanged, voxels, seconds, kept)
+
+
+BlockValues = dict[int, tuple[bool, Any, float]]
+"""Per block id, in task order: (returned, its value or the error text, seconds)."""
+
+
+def _with_retries(fn: Callable[..., Any], task: BlockTask, row: int, first_error: BaseException | None = None) -> Any:
+    """`fn` on the task's block at `row`, tried until it returns or its retries are spent (then it raises).
+
+    `first_error`: an attempt that already failed elsewhere (a stage run in the I/O thread), counted as the first."""
+    block_id = int(task.ids[row])
+    block = task.plan.block(block_id)
+    attempt = 0
+    if first_error is not None:
+        if task.retries == 0:
+            raise first_error
+        log.warning("block %d failed (attempt 1), retrying: %s", block_id, first_error)
+        attempt = 1
+    while True:
+        try:
+            return fn(block, _previous(task, row)) if task.previous is not None else fn(block)
+        except Exception as error:
+            if attempt == task.retries:
+                raise
+            attempt += 1
+            log.warning("block %d failed (attempt %d), retrying: %s", block_id, attempt, error)
+
+
+def _plain_values(fn: Callable[..., Any], task: BlockTask) -> BlockValues:
+    values: BlockValues = {}
+    for row, block_id in enumerate(task.ids.tolist()):
+        clock = time.perf_counter()
+        try:
+            values[block_id] = (True, _with_retries(fn, task, row), time.perf_counter() - clock)
+        except Exception as error:
+            values[block_id] = (False, error_text(error), 0.0)
+    return values
+
+
+def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
+    """The blocks of a task through `stages`: while block k computes in this thread, the I/O thread writes block
+    k-1 and reads block k+1. A block whose stage fails runs again whole, here, for its remaining retries."""
+    ids = task.ids.tolist()
+    values: BlockValues = {}
+    started: dict[int, float] = {}
+
+    def read(row: int) -> Any:
+        started[row] = time.perf_counter()
+        block = task.plan.block(ids[row])
+        return stages.read(block, _previous(task, row) if task.previous is not None else None)
+
+    def done(row: int, value: Any) -> None:
+        values[ids[row]] = (True, value, time.perf_counter() - started[row])
+
+    def again(row: int, error: BaseException) -> None:
+        try:
+            done(row, _with_retries(stages, task, row, first_error=error))
+        except Exception as final:
+            values[ids[row]] = (False, error_text(final), 0.0)
+
+    def finish_write(row: int, future: Future[Any]) -> None:
+        try:
+            done(row, future.result())
+        except Exception as error:
+            again(row, error)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mitoseg-io") as io:
+        reading: Future[Any] | None = io.submit(read, 0) if ids else None
+        writing: tuple[int, Future[Any]] | None = None
+        for row in range(len(ids)):
+            assert reading is not None
+            try:
+                first = reading.result()
+                failed: BaseException | None = None
+            except Exception as error:
+                failed = error
+            reading = io.submit(read, row + 1) if row + 1 < len(ids) else None  # queued after the last write
+            if failed is not None:
+                again(row, failed)
+                continue
+            try:
+                computed = stages.compute(first)
+            except Exception as error:
+                again(row, error)
+                continue
+            if _final(computed):
+                done(row, computed)
+                continue
+            if writing is not None:  # at most one write in flight: the last block's, done while this one computed
+                finish_write(*writing)
+            writing = (row, io.submit(stages.write, computed))
+        if writing is not None:
+            finish_write(*writing)
+    return {block_id: values[block_id] for block_id in ids}
 
 
 @contextmanager
@@ -295,7 +412,8 @@ def run_blockwise(
     block is skipped here: each gets its previous record, `fn(block, previous)`, decides on the worker whether it
     still holds (e.g. the input it reads is unchanged) and returns a `Recorded`. `resume=False` ignores earlier
     records (and still writes new ones). A task carries `blocks_per_task` adjacent blocks (None: as many as take
-    about `TASK_SECONDS`, from the measured block time), each retried on its own; Dask retries a task whose worker
+    about `TASK_SECONDS`, or `STAGED_TASK_SECONDS` for `BlockStages`, from the measured block time), each retried on
+    its own; Dask retries a task whose worker
     died. `completions` makes the queue that hands back finished futures; it comes with the client (a test's fake
     client brings its own).
     """
@@ -307,6 +425,7 @@ def run_blockwise(
     tag = f"{done.key}-{time.time_ns():x}" if done is not None else f"{time.time_ns():x}"  # unique per run
     per_task = blocks_per_task or 1
     measured = [0, 0.0]  # blocks that returned, and their seconds, over the run
+    task_seconds = STAGED_TASK_SECONDS if isinstance(fn, BlockStages) else TASK_SECONDS
 
     def skip(count: int) -> None:
         result.skipped += count
@@ -390,7 +509,7 @@ def run_blockwise(
                 future.release()
                 if blocks_per_task is None and measured[0]:
                     mean = measured[1] / measured[0]
-                    per_task = max(1, min(MAX_BLOCKS_PER_TASK, int(TASK_SECONDS / max(mean, 1e-6))))
+                    per_task = max(1, min(MAX_BLOCKS_PER_TASK, int(task_seconds / max(mean, 1e-6))))
                 fill()
         finally:
             records.flush()  # also when interrupted: every block that returned keeps its record

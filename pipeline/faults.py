@@ -57,8 +57,9 @@ class _Fault(WorkerPlugin):
         return sum(name.startswith(f"{self.kind}-") for name in os.listdir(self.marker_dir))
 
 
-PREDICT = "workers.predict_block:predict_block"
-"""Segment's per-block function; other stages' are callables such as `pipeline.viewing.pyramid:DownsampleBlock`."""
+PREDICT = "workers.predict_block:read_block"
+"""Segment's per-block function (the first of its stages, which every block runs); other stages' are callables such
+as `pipeline.viewing.pyramid:DownsampleBlock`."""
 
 
 def resolve_target(target: str) -> tuple[Any, str]:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -349,7 +348,7 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
     """Load the network on every worker and run the planned blocks."""
     from pipeline.errors import ModelLoadError
     from workers.plugin import ModelPlugin
-    from workers.predict_block import predict_block
+    from workers.predict_block import block_stages
 
     config = run.config
     plugin = plugin or ModelPlugin(
@@ -364,7 +363,7 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
     result = run_blockwise(
         client,
         run.plan,
-        partial(predict_block, job=run.job),
+        block_stages(run.job),  # the next block is read and the last written while one computes
         done=run.done,
         check_on_worker=True,
         resume=config.resume,

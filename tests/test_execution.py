@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -271,3 +272,74 @@ def test_records_in_ranges_of_ids_skip_and_check_exactly_across_ranges(tmp_path:
     fn = Checking({3: "b", 4: "b", 17: "b"})  # the last block of range 0, the first of range 1, the very last
     again = run(FakeClient(), fn, done=records, check_on_worker=True, blocks_per_task=blocks_per_task)
     assert (again.completed, again.unchanged, sorted(fn.computed)) == (3, 15, [3, 4, 17])
+
+
+class Staged:
+    """Stages of a block function whose compute of block k waits (up to `wait_s`) for block k+1's read to start and
+    block k-1's write to finish, within a task of `per_task` blocks, and counts when they did: only a runner that
+    overlaps I/O with compute sees them."""
+
+    def __init__(
+        self,
+        per_task: int,
+        write_failures: dict[int, int] | None = None,
+        unchanged: frozenset[int] = frozenset(),
+        wait_s: float = 2.0,
+    ):
+        self.per_task, self.write_failures, self.unchanged = per_task, write_failures or {}, unchanged
+        self.wait_s = wait_s
+        self.events: dict[tuple[str, int], threading.Event] = {}
+        self.writes: Counter[int] = Counter()
+        self.overlapped: Counter[str] = Counter()
+
+    def event(self, name: str, block_id: int) -> threading.Event:
+        return self.events.setdefault((name, block_id), threading.Event())
+
+    def read(self, block: Block, previous: Any) -> int:
+        block_id = block.block_id[1]
+        self.event("read", block_id).set()
+        return block_id
+
+    def compute(self, block_id: int) -> Any:
+        row = block_id % self.per_task
+        if row < self.per_task - 1 and block_id + 1 < len(ALL) and self.event("read", block_id + 1).wait(self.wait_s):
+            self.overlapped["read"] += 1
+        if row > 0 and self.event("written", block_id - 1).wait(self.wait_s):
+            self.overlapped["write"] += 1
+        if block_id in self.unchanged:
+            return Recorded(0, BlockRecord("job", ""), unchanged=True)
+        return block_id
+
+    def write(self, block_id: int) -> int:
+        self.writes[block_id] += 1
+        if self.writes[block_id] <= self.write_failures.get(block_id, 0):
+            raise OSError(f"write of block {block_id} failed")
+        self.event("written", block_id).set()
+        return 10 * block_id
+
+
+def test_staged_blocks_read_the_next_and_write_the_last_while_one_computes(tmp_path: Path) -> None:
+    from pipeline.execution import BlockStages
+
+    fn = Staged(per_task=6)
+    done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
+    stages = BlockStages(fn.read, fn.compute, fn.write)
+    result = run(FakeClient(), stages, done=done, blocks_per_task=6, keep_results=True)
+    assert result.ok and result.results == {b: 10 * b for b in ALL}
+    # in each task of 6 blocks, 5 computes saw the next read and 5 the last write happen while they ran
+    assert fn.overlapped == {"read": 3 * 5, "write": 3 * 5}
+    assert done.load().done_ids("job") == ALL and set(fn.writes) == ALL
+
+
+def test_staged_blocks_keep_retries_failures_and_unchanged_blocks(tmp_path: Path) -> None:
+    from pipeline.execution import BlockStages
+
+    fn = Staged(per_task=6, write_failures={3: 1, 7: 99}, unchanged=frozenset({5}), wait_s=0.05)
+    done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
+    stages = BlockStages(fn.read, fn.compute, fn.write)
+    result = run(FakeClient(), stages, done=done, blocks_per_task=6, retries=2, keep_results=True)
+    assert [f.block_id for f in result.failures] == [7] and "write of block 7 failed" in result.failures[0].error
+    assert fn.writes[3] == 2 and fn.writes[7] == 3 and fn.writes[5] == 0  # a failed write runs its block again
+    assert result.unchanged == 1 and result.completed == 16
+    assert done.load().done_ids("job") == ALL - {5, 7}  # unchanged: its earlier record stands; failed: none
+    assert stages(PLAN.block(4)) == 40  # called whole, the stages are the plain block function

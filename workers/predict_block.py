@@ -17,6 +17,7 @@ from typing import Any
 from daisy import Block
 
 from pipeline.errors import StorageError
+from pipeline.execution import BlockStages
 from pipeline.network.inputs import InputChecks
 from pipeline.network.tta import TTAMode
 from pipeline.resume import BlockRecord, Recorded, fingerprint
@@ -85,25 +86,49 @@ def _output(url: str, output_id: str) -> Volume:
     return volume
 
 
-def predict_block(
-    block: Block, previous: BlockRecord | None = None, *, job: PredictJob, predictor: Any = None
-) -> Recorded:
-    """Predict `block.write_roi` and write it to every output, unless `previous` shows it unchanged.
+@dataclass(frozen=True)
+class _Read:
+    """A block's input as read (context included), with its fingerprint and the block's earlier record."""
 
-    Returns the number of voxels written with the block's record. `predictor` defaults to the job's network on
-    this worker; tests may pass any patch function instead (called once per patch, blended in NumPy).
-    """
+    block: Block
+    read_roi: Any
+    source: Volume
+    data: Any
+    print: str
+    previous: BlockRecord | None
+
+
+@dataclass(frozen=True)
+class _Computed:
+    """A block's output bytes, ready to write."""
+
+    block: Block
+    data: Any
+    record: BlockRecord
+
+
+def read_block(block: Block, previous: BlockRecord | None = None, *, job: PredictJob) -> _Read:
+    """Read `block`'s input (context included, mirrored at the volume's faces) and fingerprint it."""
+    source = _open(job.input_url, "r", job.key, job.input_scale)
+    read_roi = job.grid.read_roi(block.write_roi)
+    data = read_mirrored(job.input_checks.reader(source), read_roi, job.volume_shape)
+    return _Read(block, read_roi, source, data, fingerprint(data), previous)
+
+
+def compute_block(read: _Read, *, job: PredictJob, predictor: Any = None) -> _Computed | Recorded:
+    """The network over a block's tiles, blended and quantised to the output dtype; an unchanged `Recorded` when
+    the block's earlier record shows it already holds what it would write now (same job, device class, input).
+
+    `predictor` defaults to the job's network on this worker (found from the task's own thread); tests may pass any
+    patch function instead (called once per patch, blended in NumPy)."""
     if predictor is None:
         from workers.plugin import worker_predictor
 
         predictor = worker_predictor(job.network)
-    source = _open(job.input_url, "r", job.key, job.input_scale)
-    read_roi = job.grid.read_roi(block.write_roi)
-    read = read_mirrored(job.input_checks.reader(source), read_roi, job.volume_shape)
-    record = BlockRecord(f"{job.key}/{getattr(predictor, 'device_class', 'other')}", fingerprint(read))
-    if previous == record:
+    record = BlockRecord(f"{job.key}/{getattr(predictor, 'device_class', 'other')}", read.print)
+    if read.previous == record:
         return Recorded(0, record, unchanged=True)
-    raw: Any = job.input_checks.scale(read, source, read_roi)
+    raw: Any = job.input_checks.scale(read.data, read.source, read.read_roi)
     forward: PatchFn | Batched = predictor if job.tta == "none" else partial(predictor, tta=job.tta)
     batch_size = 1
     if isinstance(predictor, Predictor):
@@ -116,8 +141,32 @@ def predict_block(
     if isinstance(predictor, Predictor) and not isinstance(tile_fn, Batched):
         # tiles one by one on the CPU: the worker keeps them for the neighbouring blocks that need them too
         tile_fn = worker_tile_cache().wrap(tile_fn, f"{job.key}/{predictor.device_class}")
-    probs = predict_region(raw, read_roi, block.write_roi, job.grid, tile_fn, job.blending, batch_size)
-    data = to_output_dtype(probs, job.output_dtype)
+    probs = predict_region(raw, read.read_roi, read.block.write_roi, job.grid, tile_fn, job.blending, batch_size)
+    return _Computed(read.block, to_output_dtype(probs, job.output_dtype), record)
+
+
+def write_block(computed: _Computed, *, job: PredictJob) -> Recorded:
+    """Write a block's valid region to every output; its value is the voxels written, with its record."""
+    roi = computed.block.write_roi
     for n, url in enumerate(job.output_urls):
-        _output(url, job.output_ids[n] if job.output_ids else "").write(block.write_roi, data)
-    return Recorded(int(block.write_roi.size), record)
+        _output(url, job.output_ids[n] if job.output_ids else "").write(roi, computed.data)
+    return Recorded(int(roi.size), computed.record)
+
+
+def block_stages(job: PredictJob, predictor: Any = None) -> BlockStages:
+    """`predict_block` in its three stages, for `pipeline.execution.run_blockwise` to overlap I/O with compute."""
+    return BlockStages(
+        partial(read_block, job=job),
+        partial(compute_block, job=job, predictor=predictor),
+        partial(write_block, job=job),
+    )
+
+
+def predict_block(
+    block: Block, previous: BlockRecord | None = None, *, job: PredictJob, predictor: Any = None
+) -> Recorded:
+    """Predict `block.write_roi` and write it to every output, unless `previous` shows it unchanged.
+
+    Returns the number of voxels written with the block's record; `predictor` as in `compute_block`."""
+    result: Recorded = block_stages(job, predictor)(block, previous)
+    return result
