@@ -70,7 +70,7 @@ def run_mitoseg(raw_url: str, label_url: str, workdir: Path, args: argparse.Name
     `mitoseg evaluate`."""
     import yaml
 
-    mitoseg = str(Path(sys.executable).with_name("mitoseg"))
+    mitoseg = [sys.executable, "-m", "pipeline"]  # the CLI of this interpreter (also where no script is installed)
     name = "-".join(settings) or "defaults"
     output = f"zarr://file://{workdir}/mitoseg-{name}.zarr/probs"
     job = {"input": raw_url, "output": [output], "checkpoint": args.checkpoint, "workers": args.workers, **settings}
@@ -79,10 +79,10 @@ def run_mitoseg(raw_url: str, label_url: str, workdir: Path, args: argparse.Name
     job_file = workdir / f"{name}.yaml"
     job_file.write_text(yaml.safe_dump(job))
     start = time.perf_counter()
-    subprocess.run([mitoseg, "segment", str(job_file)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*mitoseg, "segment", str(job_file)], check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     scores = subprocess.run(
-        [mitoseg, "evaluate", "--prediction", output, "--truth", label_url, "--json"],
+        [*mitoseg, "evaluate", "--prediction", output, "--truth", label_url, "--json"],
         check=True,
         capture_output=True,
         text=True,

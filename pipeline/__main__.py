@@ -2,4 +2,5 @@
 
 from pipeline.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned Dask worker process imports this module as its parent's main
+    main()

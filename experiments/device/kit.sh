@@ -1,26 +1,71 @@
 #!/usr/bin/env bash
 # Prepares, on the development machine, what experiments/device/run.sh needs on a lent GPU machine (no network
-# there, 64 MiB per call): .whl/ with wheels (Python 3.12, the image's) of the packages training needs that its
-# image lacks, and .gpu/a, .gpu/b with the Lucchi volume in two xz parts. Both folders are kept out of git.
-#   bash experiments/device/kit.sh        then, on the device: call 1 carry [".whl", ".gpu/a"] `run.sh check`
-#                                        (or just install and unpack a), call 2 carry [".gpu/b"] `run.sh finetune 7`;
-#                                        or one call carry [".whl", ".gpu/val", checkpoints] `run.sh score CKPT...`
+# there, 64 MiB per call), in .gpu/ (ignored through .git/info/exclude):
+#   .gpu/site/site.tar.xz  the packages `mitoseg train`, `segment`, `evaluate` and benchmarks/inference.py import
+#                          that the image lacks, installed here (`pip install --target`, CPython 3.12 wheels, the
+#                          image's Python) and packed with xz: 12 MiB against the wheels' 18
+#   .gpu/a, .gpu/b         the Lucchi training volume, z 0..SPLIT and SPLIT..165, raw and label (pack_volume.py)
+# and checks that each call of run.sh's lease plan (the working tree + its carry) stays under 64 MiB.
+#   bash experiments/device/kit.sh
+#   PYVER=3.11 bash experiments/device/kit.sh    the same packages for this machine's Python, in .gpu/site-3.11
+#                                                (to try the kit here: experiments/device/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for path in /.whl/ /.gpu/; do grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >> .git/info/exclude; done
+grep -qxF /.gpu/ .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
 PY=${PY:-.venv/bin/python}
-mkdir -p .whl
-platforms=""
-for p in manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64 \
-    manylinux1_x86_64; do platforms+=" --platform $p"; done
-# shellcheck disable=SC2086
-$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms -d .whl \
-    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-    zarr==3.4.2 numcodecs==0.17.1 donfig==0.8.1.post1 google-crc32c==1.9.0 crc32c==2.9.post0 msgspec==0.22.0 \
-    daisy==2.0.0 funlib.geometry==0.3.0 dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 \
-    tblib==3.2.2 tornado==6.6.1 zict==3.0.0
+PYVER=${PYVER:-3.12}
+# The versions .venv (`make install`) has, so the GPU runs what the tests here run; monai is benchmarks/inference.py's
+# comparison (the `bench` extra). The image has numpy, scipy, scikit-image, torch, pyyaml, psutil, tqdm, click,
+# cloudpickle, toolz, msgpack, fsspec, jinja2, sortedcontainers, packaging, pytest, typer, rich and tensorboard.
+PINS=(
+    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+    daisy==2.0.0 funlib.geometry==0.3.0
+    dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2 tornado==6.6.1 zict==3.0.0
+    monai==1.6.1
+)
+[ "$PYVER" = 3.12 ] || PINS+=(importlib-metadata==10.2.0 lazy-importer==0.1.0) # dask needs them below Python 3.12 (the try here)
+target=(--python-version "$PYVER" --implementation cp --only-binary=:all:)
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+    manylinux_2_5_x86_64 manylinux1_x86_64; do target+=(--platform "$p"); done
+SITE=.gpu/site
+[ "$PYVER" = 3.12 ] || SITE=.gpu/site-$PYVER
+if [ ! -f "$SITE/site.tar.xz" ]; then
+    wheels=${XDG_CACHE_HOME:-$HOME/.cache}/mitoseg-device/wheels-$PYVER
+    $PY -m pip download -q --no-deps "${target[@]}" -d "$wheels" "${PINS[@]}"
+    names=$(printf '%s\n' "${PINS[@]}" | sed 's/==/-/; s/[-_.]/_/g' | tr '[:upper:]' '[:lower:]')
+    files=()
+    for whl in "$wheels"/*.whl; do # the pinned ones alone: the cache may hold older pins
+        key=$(basename "$whl" | cut -d- -f1,2 | tr '[:upper:]' '[:lower:]' | sed 's/[-_.]/_/g')
+        grep -qxF "$key" <<<"$names" && files+=("$whl")
+    done
+    [ ${#files[@]} -eq ${#PINS[@]} ] || { echo "found ${#files[@]} of the ${#PINS[@]} pinned wheels" >&2; exit 1; }
+    tmp=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --no-compile "${target[@]}" --target "$tmp/site" "${files[@]}"
+    rm -rf "$tmp/site/bin" # console scripts with this machine's interpreter in them
+    mkdir -p "$SITE"
+    tar -C "$tmp/site" -cf - . | xz -6 -T2 >"$SITE/site.tar.xz"
+    rm -rf "$tmp"
+fi
+
 DATA=${DATA:-../shared/data/lucchi/train.zarr}
-[ -f .gpu/a/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/a --z 0:70
-[ -f .gpu/b/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/b --z 70:165
-[ -f .gpu/val/part.json ] || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/val --z 120:165
-du -sh .whl .gpu/a .gpu/b .gpu/val
+SPLIT=${SPLIT:-72} # balances the two calls: call 1 also carries .gpu/site
+packed() { $PY -c "import json, sys; sys.exit(json.load(open('.gpu/$1/part.json'))['z'] != [$2, $3])" 2>/dev/null; }
+packed a 0 "$SPLIT" || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/a --z "0:$SPLIT"
+packed b "$SPLIT" 165 || $PY experiments/device/pack_volume.py pack "$DATA" .gpu/b --z "$SPLIT:165"
+
+[ "$PYVER" = 3.12 ] || exit 0
+limit=$((64 * 1024 * 1024))
+# (du complains of files deleted but not yet committed, which do not travel)
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1 || :)
+size() { du -cb "$@" | tail -n 1 | cut -f1; }
+kib() { echo "$(($1 / 1024)) KiB"; }
+call1=$((tree + $(size .gpu/site .gpu/a)))
+call2=$((tree + $(size .gpu/b)))
+echo "working tree $(kib "$tree"), .gpu/site $(kib "$(size .gpu/site)"), .gpu/a $(kib "$(size .gpu/a)")," \
+    ".gpu/b $(kib "$(size .gpu/b)")"
+echo "call 1 (tree + .gpu/site + .gpu/a) $(kib $call1); call 2 (tree + .gpu/b) $(kib $call2); limit $(kib $limit)"
+if [ $call1 -ge $limit ] || [ $call2 -ge $limit ]; then
+    echo "a call is over 64 MiB: move SPLIT or carry less" >&2
+    exit 1
+fi

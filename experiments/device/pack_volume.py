@@ -3,10 +3,11 @@
 `pack` writes z-slabs of a raw/label pair as xz-compressed .npy files (EM raw compresses to ~75 %, labels to
 almost nothing) with the volumes' metadata; `unpack` writes parts back into a local zarr group with the same
 shape, chunks and voxel size, so a training config names it like the original. Used for the GPU runs in
-`experiments/device/run.sh` (the lent GPU machine takes 64 MiB per call and reaches no file outside the repo).
+`experiments/device/run.sh` (the lent GPU machine takes 64 MiB per call and reaches no file outside the repo);
+`experiments/device/kit.sh` packs the parts.
 
-    python experiments/device/pack_volume.py pack ../shared/data/lucchi/train.zarr .gpu/a --z 0:46
-    python experiments/device/pack_volume.py unpack .gpu/a /tmp/lucchi/train.zarr
+    python experiments/device/pack_volume.py pack ../shared/data/lucchi/train.zarr .gpu/a --z 0:72
+    python experiments/device/pack_volume.py unpack .gpu/a /tmp/mitoseg-data/train.zarr
 """
 
 from __future__ import annotations
