@@ -127,5 +127,6 @@ def test_cli_runs_a_job_and_prints_the_summary(tmp_path, monkeypatch, capsys):
     main()
     out = capsys.readouterr().out
     assert "instances: 1 objects" in out and table.exists()
+    assert "8 objects at block faces" in " ".join(out.split())  # one provisional object in each of its 8 blocks
     labels = open_volume(str(tmp_path / "seg.zarr")).read(open_volume(str(tmp_path / "seg.zarr")).meta.roi)
     assert np.unique(labels).tolist() == [0, 1]

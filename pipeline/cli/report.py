@@ -46,7 +46,8 @@ def print_instances(console: Console, result: Any) -> None:
     if result.relabel is not None and result.relabel.ok:  # the labels are written (a viewing stage may have failed)
         console.print(
             f"instances: {result.num_objects} objects; {result.equivalences} equivalences across block faces "
-            f"({result.border_ids} border IDs); output {result.output}"
+            f"({result.border_ids} border IDs of {result.border_objects} objects at block faces, all the merge "
+            f"held); output {result.output}"
         )
         if getattr(result, "fixups", 0):
             console.print(
