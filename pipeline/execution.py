@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from daisy import Block
 
+from pipeline.block_stages import BlockStages, is_final
 from pipeline.geometry import roi_key
 from pipeline.plan import BlockPlan
 from pipeline.progress import Progress
@@ -150,30 +151,6 @@ def _previous(task: BlockTask, row: int) -> BlockRecord | None:
     return BlockRecord(task.previous.names[task.previous.jobs[row]], raw.hex() if any(raw) else "")
 
 
-@dataclass(frozen=True)
-class BlockStages:
-    """A block function in three stages, so that a task of several blocks reads the next block and writes the last
-    one (in one I/O thread) while it computes this one (e.g. on a GPU).
-
-    `read(block, previous)` returns what `compute` takes; `compute` (in the task's own thread, where a Dask worker's
-    state is found) returns what `write` takes, or the block's final value (a `Recorded` that is `unchanged`) when
-    the block needs no write; `write` returns the block's value. Called together, they are the plain block
-    function."""
-
-    read: Callable[[Block, BlockRecord | None], Any]
-    compute: Callable[[Any], Any]
-    write: Callable[[Any], Any]
-
-    def __call__(self, block: Block, previous: BlockRecord | None = None) -> Any:
-        computed = self.compute(self.read(block, previous))
-        return computed if _final(computed) else self.write(computed)
-
-
-def _final(value: Any) -> bool:
-    """Whether a compute stage's value already is the block's value (nothing to write)."""
-    return isinstance(value, Recorded) and value.unchanged
-
-
 def _run_task(fn: Callable[..., Any], task: BlockTask) -> TaskOutcome:
     """Run a task's blocks one after another on a worker, each retried on its own; one block's failure is its own.
 
@@ -290,7 +267,7 @@ def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
             except Exception as error:
                 again(row, error)
                 continue
-            if _final(computed):
+            if is_final(computed):
                 done(row, computed)
                 continue
             if writing is not None:  # at most one write in flight: the last block's, done while this one computed

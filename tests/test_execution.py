@@ -319,7 +319,7 @@ class Staged:
 
 
 def test_staged_blocks_read_the_next_and_write_the_last_while_one_computes(tmp_path: Path) -> None:
-    from pipeline.execution import BlockStages
+    from pipeline.block_stages import BlockStages
 
     fn = Staged(per_task=6)
     done = DoneMarkers(str(tmp_path / "out.zarr"), "job")
@@ -332,7 +332,7 @@ def test_staged_blocks_read_the_next_and_write_the_last_while_one_computes(tmp_p
 
 
 def test_staged_blocks_keep_retries_failures_and_unchanged_blocks(tmp_path: Path) -> None:
-    from pipeline.execution import BlockStages
+    from pipeline.block_stages import BlockStages
 
     fn = Staged(per_task=6, write_failures={3: 1, 7: 99}, unchanged=frozenset({5}), wait_s=0.05)
     done = DoneMarkers(str(tmp_path / "out.zarr"), "job")

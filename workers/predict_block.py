@@ -16,8 +16,8 @@ from typing import Any
 
 from daisy import Block
 
+from pipeline.block_stages import BlockStages
 from pipeline.errors import StorageError
-from pipeline.execution import BlockStages
 from pipeline.network.inputs import InputChecks
 from pipeline.network.tta import TTAMode
 from pipeline.resume import BlockRecord, Recorded, fingerprint
