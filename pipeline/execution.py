@@ -223,24 +223,25 @@ def _plain_values(fn: Callable[..., Any], task: BlockTask) -> BlockValues:
 
 def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
     """The blocks of a task through `stages`: while block k computes in this thread, the I/O thread writes block
-    k-1 and reads block k+1. A block whose stage fails runs again whole, here, for its remaining retries."""
+    k-1 and reads block k+1. A block whose stage fails runs again whole, here, for its remaining retries. Each block
+    that returned is given an equal share of the task's time (its stages overlap its neighbours')."""
     ids = task.ids.tolist()
-    values: BlockValues = {}
-    started: dict[int, float] = {}
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    clock = time.perf_counter()
 
     def read(row: int) -> Any:
-        started[row] = time.perf_counter()
         block = task.plan.block(ids[row])
         return stages.read(block, _previous(task, row) if task.previous is not None else None)
 
     def done(row: int, value: Any) -> None:
-        values[ids[row]] = (True, value, time.perf_counter() - started[row])
+        results[ids[row]] = value
 
     def again(row: int, error: BaseException) -> None:
         try:
             done(row, _with_retries(stages, task, row, first_error=error))
         except Exception as final:
-            values[ids[row]] = (False, error_text(final), 0.0)
+            errors[ids[row]] = error_text(final)
 
     def finish_write(row: int, future: Future[Any]) -> None:
         try:
@@ -275,7 +276,8 @@ def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
             writing = (row, io.submit(stages.write, computed))
         if writing is not None:
             finish_write(*writing)
-    return {block_id: values[block_id] for block_id in ids}
+    share = (time.perf_counter() - clock) / max(len(results), 1)
+    return {b: (True, results[b], share) if b in results else (False, errors[b], 0.0) for b in ids}
 
 
 @contextmanager
