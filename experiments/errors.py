@@ -13,12 +13,10 @@ import cc3d
 import numpy as np
 import zarr
 
+from pipeline.evaluation import binarise, count
+
 BANDS = (0, 8, 16, 32, 64, 10**9)
 MIN_OBJECT = 500
-
-
-def jaccard(mask: np.ndarray, truth: np.ndarray) -> float:
-    return float((mask & truth).sum() / max((mask | truth).sum(), 1))
 
 
 def bands(mask: np.ndarray, truth: np.ndarray) -> None:
@@ -29,11 +27,10 @@ def bands(mask: np.ndarray, truth: np.ndarray) -> None:
         cells = []
         for low, high in zip(BANDS[:-1], BANDS[1:], strict=True):
             rows = (distance >= low) & (distance < high)
-            m, t = np.compress(rows, mask, axis=axis), np.compress(rows, truth, axis=axis)
-            inter = (m & t).sum()
+            counts = count(np.compress(rows, mask, axis=axis), np.compress(rows, truth, axis=axis))
             cells.append(
-                f"[{low},{min(high, n)}): J {jaccard(m, t):.3f} p {inter / max(m.sum(), 1):.2f} "
-                f"r {inter / max(t.sum(), 1):.2f}"
+                f"[{low},{min(high, n)}): J {counts.jaccard:.3f} p {counts.tp / max(counts.tp + counts.fp, 1):.2f} "
+                f"r {counts.tp / max(counts.tp + counts.fn, 1):.2f}"
             )
         print(f"{name}: " + " | ".join(cells))
 
@@ -61,8 +58,8 @@ def main() -> None:
     prediction = prediction[0] if prediction.ndim == 4 else prediction
     truth = zarr.open(sys.argv[2], mode="r")[:] > 0
     threshold = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
-    mask = prediction >= threshold * (255.0 if prediction.dtype == np.uint8 else 1.0)  # as `mitoseg evaluate`
-    print(f"Jaccard {jaccard(mask, truth):.4f} over {mask.shape} at threshold {threshold}")
+    mask = binarise(prediction, threshold)  # as `mitoseg evaluate` thresholds it
+    print(f"Jaccard {count(mask, truth).jaccard:.4f} over {mask.shape} at threshold {threshold}")
     bands(mask, truth)
     unlabelled_objects(mask, truth)
 

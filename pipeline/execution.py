@@ -188,26 +188,18 @@ BlockValues = dict[int, tuple[bool, Any, float]]
 """Per block id, in task order: (returned, its value or the error text, seconds)."""
 
 
-def _with_retries(fn: Callable[..., Any], task: BlockTask, row: int, first_error: BaseException | None = None) -> Any:
-    """`fn` on the task's block at `row`, tried until it returns or its retries are spent (then it raises).
-
-    `first_error`: an attempt that already failed elsewhere (a stage run in the I/O thread), counted as the first."""
+def _with_retries(fn: Callable[..., Any], task: BlockTask, row: int, attempts: int) -> Any:
+    """`fn` on the task's block at `row`, tried up to `attempts` times until it returns (then the last error raises)."""
     block_id = int(task.ids[row])
     block = task.plan.block(block_id)
-    attempt = 0
-    if first_error is not None:
-        if task.retries == 0:
-            raise first_error
-        log.warning("block %d failed (attempt 1), retrying: %s", block_id, first_error)
-        attempt = 1
-    while True:
+    for attempt in range(1, attempts + 1):
         try:
             return fn(block, _previous(task, row)) if task.previous is not None else fn(block)
         except Exception as error:
-            if attempt == task.retries:
+            if attempt == attempts:
                 raise
-            attempt += 1
             log.warning("block %d failed (attempt %d), retrying: %s", block_id, attempt, error)
+    raise AssertionError("attempts must be >= 1")
 
 
 def _plain_values(fn: Callable[..., Any], task: BlockTask) -> BlockValues:
@@ -215,7 +207,7 @@ def _plain_values(fn: Callable[..., Any], task: BlockTask) -> BlockValues:
     for row, block_id in enumerate(task.ids.tolist()):
         clock = time.perf_counter()
         try:
-            values[block_id] = (True, _with_retries(fn, task, row), time.perf_counter() - clock)
+            values[block_id] = (True, _with_retries(fn, task, row, task.retries + 1), time.perf_counter() - clock)
         except Exception as error:
             values[block_id] = (False, error_text(error), 0.0)
     return values
@@ -234,18 +226,20 @@ def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
         block = task.plan.block(ids[row])
         return stages.read(block, _previous(task, row) if task.previous is not None else None)
 
-    def done(row: int, value: Any) -> None:
-        results[ids[row]] = value
-
     def again(row: int, error: BaseException) -> None:
+        """Block `row` whole, here, after a stage of its first attempt failed with `error`."""
+        if task.retries == 0:
+            errors[ids[row]] = error_text(error)
+            return
+        log.warning("block %d failed (attempt 1), retrying: %s", ids[row], error)
         try:
-            done(row, _with_retries(stages, task, row, first_error=error))
+            results[ids[row]] = _with_retries(stages, task, row, task.retries)
         except Exception as final:
             errors[ids[row]] = error_text(final)
 
     def finish_write(row: int, future: Future[Any]) -> None:
         try:
-            done(row, future.result())
+            results[ids[row]] = future.result()
         except Exception as error:
             again(row, error)
 
@@ -269,7 +263,7 @@ def _staged_values(stages: BlockStages, task: BlockTask) -> BlockValues:
                 again(row, error)
                 continue
             if is_final(computed):
-                done(row, computed)
+                results[ids[row]] = computed
                 continue
             if writing is not None:  # at most one write in flight: the last block's, done while this one computed
                 finish_write(*writing)
@@ -392,8 +386,8 @@ def run_blockwise(
     still holds (e.g. the input it reads is unchanged) and returns a `Recorded`. `resume=False` ignores earlier
     records (and still writes new ones). A task carries `blocks_per_task` adjacent blocks (None: as many as take
     about `TASK_SECONDS`, or `STAGED_TASK_SECONDS` for `BlockStages`, from the measured block time), each retried on
-    its own; Dask retries a task whose worker
-    died. `completions` makes the queue that hands back finished futures; it comes with the client (a test's fake
+    its own; Dask retries a task whose worker died.
+    `completions` makes the queue that hands back finished futures; it comes with the client (a test's fake
     client brings its own).
     """
     start = time.perf_counter()
