@@ -264,9 +264,12 @@ def _stack(patches: list[Any]) -> Array:
     return torch.stack(patches)
 
 
-def tile_forward(forward: PatchFn | Batched, median_size: int = 0, trim: Vec3 = (0, 0, 0)) -> PatchFn | Batched:
+def tile_forward(
+    forward: PatchFn | Batched, median_size: int = 0, trim: Vec3 = (0, 0, 0), threads: int = 1
+) -> PatchFn | Batched:
     """A tile's probabilities from a patch (or a batch's from a `Batched` batch): `forward` (the network, its context
-    cropped), a `median_size`^3 median filter inside the tile, then `trim` voxels cut from each side.
+    cropped), a `median_size`^3 median filter inside the tile (on `threads` CPU threads), then `trim` voxels cut from
+    each side.
 
     Filtering each tile before blending, rather than the blended volume, keeps every tile's result a function of
     its patch alone: a block needs no prediction beyond its own tiles, so tiles aligned with blocks are computed
@@ -277,7 +280,7 @@ def tile_forward(forward: PatchFn | Batched, median_size: int = 0, trim: Vec3 = 
     network = forward.fn if isinstance(forward, Batched) else forward
 
     def tile(patches: Any) -> Any:
-        probs = median_filter(network(patches), median_size)
+        probs = median_filter(network(patches), median_size, threads)
         return probs[(..., *(slice(t, n - t) for t, n in zip(trim, probs.shape[-3:], strict=True)))]
 
     return Batched(tile) if isinstance(forward, Batched) else tile

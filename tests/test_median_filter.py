@@ -65,6 +65,19 @@ def test_counting_median_on_a_gpu_equals_skimage() -> None:
     np.testing.assert_array_equal(found.astype(np.float32) / np.float32(255), expected)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize(("shape", "size"), [((12, 40, 30), 7), ((2, 5, 9, 11), 5), ((4, 2, 6), 3)])
+def test_threads_share_the_median_in_bands_that_give_the_same_values(threads, shape, size) -> None:
+    """Bands of rows filtered in parallel equal the whole volume filtered at once, at band edges and the array's
+    faces, also with more threads than rows."""
+    quantised = np.random.default_rng(6).choice(np.array([0, 3, 90, 200, 255], np.uint8), shape)
+    probs = quantised.astype(np.float32)[..., None, :, :, :] / 255
+    expected = median_filter(probs, size)
+    np.testing.assert_array_equal(median_filter(probs, size, threads=threads), expected)
+    found = median_filter(torch.from_numpy(probs), size, threads=threads)
+    np.testing.assert_array_equal(found.numpy(), expected)
+
+
 def test_a_tensor_is_filtered_as_its_array_is() -> None:
     probs = np.random.default_rng(4).random((2, 2, 6, 12, 12)).astype(np.float32)  # a batch of two tiles
     found = median_filter(torch.from_numpy(probs), 5)

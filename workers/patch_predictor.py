@@ -53,6 +53,8 @@ class Predictor:
         from pipeline.network.checkpoint import load_checkpoint
 
         set_torch_threads()
+        self.threads = torch.get_num_threads()
+        """CPU threads of this worker: torch's, and the median filter's (`pipeline.median_filter`)."""
         self.device = pick_device(device)
         loaded = load_checkpoint(checkpoint_path, device=self.device)
         self.checkpoint = loaded

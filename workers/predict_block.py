@@ -137,7 +137,7 @@ def compute_block(read: _Read, *, job: PredictJob, predictor: Any = None) -> _Co
             raw = predictor.to_device(raw)  # once per block; the patches are slices of it on the device
         if batch_size > 1 or predictor.blend_on_device:
             forward = Batched(partial(predictor.batch, tta=job.tta))
-    tile_fn = tile_forward(forward, job.median_size, job.tile_trim)
+    tile_fn = tile_forward(forward, job.median_size, job.tile_trim, getattr(predictor, "threads", 1))
     if isinstance(predictor, Predictor) and not isinstance(tile_fn, Batched):
         # tiles one by one on the CPU: the worker keeps them for the neighbouring blocks that need them too
         tile_fn = worker_tile_cache().wrap(tile_fn, f"{job.key}/{predictor.device_class}")
