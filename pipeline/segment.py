@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.instances import InstancesConfig
 from pipeline.config.segment import SegmentConfig
 from pipeline.errors import ConfigError, StorageError
 from pipeline.execution import BlockFailure, RunResult, run_blockwise
@@ -377,6 +378,17 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
     return SegmentResult(result, run.outputs, run.done.key if run.done else "")
 
 
+def _label_shards(follow: InstancesConfig, shards: Vec3 | None) -> Vec3 | None:
+    """The shards of the labels that follow segment: its outputs' shards, where the label output can hold them
+    (not zarr v2) and the instances blocks, when set, are whole shards."""
+    if shards is None or follow.output is None or parse_volume_url(follow.output).zarr_format == 2:
+        return None
+    block = follow.block_size
+    if block is not None and any(b % s for b, s in zip(block, shards, strict=True)):
+        return None
+    return shards
+
+
 def segment(
     config: SegmentConfig, client: Any = None, plugin: Any = None, progress: bool = True, force: bool = False
 ) -> SegmentResult:
@@ -435,9 +447,10 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
         from pipeline.instances.run import run_instances
 
         follow = run.config.instances
-        # by default it decodes what this run predicted: the first output, over the same region
-        follow = follow.model_copy(
-            update={"input": follow.input or result.outputs[0], "roi": follow.roi or run.config.roi}
-        )
+        # by default it decodes what this run predicted: the first output, over the same region, in its shards
+        update: dict[str, Any] = {"input": follow.input or result.outputs[0], "roi": follow.roi or run.config.roi}
+        if follow.input is None and follow.shard_size is None:
+            update["shard_size"] = _label_shards(follow, run.config.shard_size)
+        follow = follow.model_copy(update=update)
         result.extra["instances"] = run_instances(follow, client, progress=progress, force=force)
     return result

@@ -97,6 +97,35 @@ def test_instances_after_segment_decode_only_its_roi(clients, raw_url, tiny_chec
     assert follow.decode.ok and follow.decode.total == 2  # the roi's 2 blocks, not the volume's 75
 
 
+def test_instances_after_a_sharded_segment_write_sharded_labels(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
+    from pipeline.config.instances import InstancesConfig
+
+    labels = f"zarr3://file://{tmp_path}/seg.zarr/labels"
+    section = InstancesConfig(output=labels, viewing=False)
+    probs = f"zarr3://file://{tmp_path}/p.zarr/probs"
+    cfg = config(raw_url, probs, tiny_checkpoint, block_size=(8, 32, 32), shard_size=(8, 32, 32))
+    cfg = cfg.model_copy(update={"roi": "0,0,0:8,64,64", "instances": section})
+    follow = segment(cfg, client=clients[1], progress=False).extra["instances"]
+    assert follow.ok and open_volume(labels).meta.shards == (8, 32, 32) == open_volume(probs).meta.shards
+
+
+@pytest.mark.parametrize(
+    ("output", "block", "shards"),
+    [
+        ("zarr3://l.zarr", None, (8, 32, 32)),
+        ("precomputed://l", (16, 64, 32), (8, 32, 32)),
+        ("zarr2://l.zarr", None, None),  # zarr v2 cannot shard: the labels stay unsharded, as before
+        ("zarr3://l.zarr", (8, 16, 16), None),  # blocks smaller than the shards: the section's blocks win
+    ],
+)
+def test_nested_instances_take_the_segment_shards_where_they_fit(output, block, shards) -> None:
+    from pipeline.config.instances import InstancesConfig
+    from pipeline.segment import _label_shards
+
+    assert _label_shards(InstancesConfig(output=output, block_size=block), (8, 32, 32)) == shards
+    assert _label_shards(InstancesConfig(output=output, block_size=block), None) is None
+
+
 def test_resume_skips_done_blocks_and_changed_network_recomputes(clients, raw_url, tiny_checkpoint, tmp_path) -> None:
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
     cfg = config(raw_url, out, tiny_checkpoint, block_size=(16, 48, 48))
