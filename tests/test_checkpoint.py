@@ -57,6 +57,24 @@ def test_defaults_and_export_keep_the_hash(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "small.pt").content_hash == digest
 
 
+def test_a_half_export_is_half_the_size_and_runs_in_float32_close_to_the_original(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = NetworkConfig(widths=[16, 32], out_channels=1, embedding_dim=8)
+    save_checkpoint(tmp_path / "c.pt", network_config=cfg, state_dict=build_network(cfg).state_dict(), threshold=0.4)
+    full = export_checkpoint(tmp_path / "c.pt", tmp_path / "full.pt")
+    half = export_checkpoint(tmp_path / "c.pt", tmp_path / "half.pt", half=True)
+    stored = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
+    a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "half.pt")
+    assert b.content_hash != full == a.content_hash and b.content_hash == half and b.threshold == 0.4
+    assert next(b.network.parameters()).dtype == torch.float32
+    x = torch.rand(1, 1, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b.network(x), a.network(x), atol=2e-2, rtol=2e-2)
+        assert not torch.equal(b.network(x), a.network(x))
+
+
 def test_export_records_a_median_recommendation_that_later_exports_keep(tmp_path: Path) -> None:
     _, digest = _save(tmp_path / "c.pt", threshold=0.4)
     assert export_checkpoint(tmp_path / "c.pt", tmp_path / "m.pt", median_size=7) == digest

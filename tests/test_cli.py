@@ -141,6 +141,8 @@ def test_examples_are_listed_with_their_purpose_and_copied_without_overwriting(t
 def test_checkpoint_commands_inspect_export_and_average(tmp_path: Path, tiny_checkpoint: Path) -> None:
     import json
 
+    import torch
+
     from pipeline.network.checkpoint import load_checkpoint
 
     info = mitoseg("checkpoint", "info", str(tiny_checkpoint), "--json")
@@ -157,6 +159,10 @@ def test_checkpoint_commands_inspect_export_and_average(tmp_path: Path, tiny_che
     averaged = mitoseg("checkpoint", "average", str(tiny_checkpoint), str(tmp_path / "e.pt"), "--output", str(soup))
     assert averaged.returncode == 0 and "the average of 2 checkpoint(s)" in averaged.stdout, averaged.stderr
     assert load_checkpoint(soup).content_hash == digest  # the mean of two identical networks is that network
+    halved = mitoseg("checkpoint", "export", str(tiny_checkpoint), str(tmp_path / "h.pt"), "--half")
+    assert halved.returncode == 0 and digest not in halved.stdout, halved.stderr
+    stored = torch.load(tmp_path / "h.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     bad = mitoseg("checkpoint", "average", str(tiny_checkpoint), "--output", str(soup), "--threshold", "1.5")
     assert bad.returncode == 2 and "strictly between 0 and 1" in bad.stderr
     unknown = mitoseg("checkpoint", "info", "lucchy")

@@ -27,6 +27,9 @@ Margin = Annotated[
     str | None, typer.Option("--margin", help="Voxels Z,Y,X cut from each side of a patch's prediction to record.")
 ]
 Overlap = Annotated[str | None, typer.Option("--overlap", help="Tile overlap Z,Y,X (fractions) to record.")]
+Half = Annotated[
+    bool, typer.Option("--half", help="Store the weights as float16: half the size; outputs move by its rounding.")
+]
 
 
 def _recommendations(
@@ -84,6 +87,7 @@ def export(
     patch_shape: PatchShape = None,
     margin: Margin = None,
     overlap: Overlap = None,
+    half: Half = False,
 ) -> None:
     """Copy a checkpoint without optimizer state and projection head (small, for shipping), recording the inference
     settings given."""
@@ -91,7 +95,7 @@ def export(
 
     recommend = _recommendations(median_size, threshold, patch_shape, margin, overlap)
     try:
-        digest = export_checkpoint(source, target, **recommend)
+        digest = export_checkpoint(source, target, half=half, **recommend)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     typer.echo(f"wrote {target} (content hash {digest})")
@@ -106,13 +110,14 @@ def average(
     patch_shape: PatchShape = None,
     margin: Margin = None,
     overlap: Overlap = None,
+    half: Half = False,
 ) -> None:
     """Average the weights of several checkpoints of one network (a "model soup") into one small checkpoint."""
     from pipeline.network.checkpoint import average_checkpoints
 
     recommend = _recommendations(median_size, threshold, patch_shape, margin, overlap)
     try:
-        digest = average_checkpoints(sources, output, **recommend)
+        digest = average_checkpoints(sources, output, half=half, **recommend)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     typer.echo(f"wrote {output}: the average of {len(sources)} checkpoint(s) (content hash {digest})")

@@ -265,15 +265,17 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
     }
 
 
-def export_checkpoint(source: str | Path, target: str | Path, **recommend: Any) -> str:
+def export_checkpoint(source: str | Path, target: str | Path, half: bool = False, **recommend: Any) -> str:
     """Copy a training checkpoint without optimizer state and projection head (small, for shipping).
 
-    `recommend` records inference settings `segment` uses by default (`INFERENCE_KEYS`: e.g. the median size
-    and threshold measured with experiments/postprocess.py, or the patch, margin and overlap measured with
-    experiments/inference/settings.py, all on data the run was not trained on); unnamed ones keep the source's.
+    `half` stores the floating-point weights as float16: half the bytes, for a checkpoint that must travel or live
+    in a repository (the network still runs in float32; its outputs move by float16's rounding, and so does its
+    content hash). `recommend` records inference settings `segment` uses by default (`INFERENCE_KEYS`: e.g. the
+    median size and threshold measured with experiments/postprocess.py, or the patch, margin and overlap measured
+    with experiments/inference/settings.py, all on data the run was not trained on); unnamed ones keep the source's.
     None of them changes the content hash, which covers config and weights.
     """
-    return average_checkpoints([source], target, **recommend)
+    return average_checkpoints([source], target, half=half, **recommend)
 
 
 def check_recommendations(recommend: dict[str, Any], target: str | Path) -> dict[str, Any]:
@@ -295,15 +297,15 @@ def check_recommendations(recommend: dict[str, Any], target: str | Path) -> dict
     return given
 
 
-def average_checkpoints(sources: Sequence[str | Path], target: str | Path, **recommend: Any) -> str:
+def average_checkpoints(sources: Sequence[str | Path], target: str | Path, half: bool = False, **recommend: Any) -> str:
     """Write the uniform average of the inference weights of `sources` (a "model soup", Wortsman et al. 2022),
     small as `export_checkpoint` writes it, and return its content hash.
 
     Meant for checkpoints of one network fine-tuned from the same start (weights of unrelated runs do not
     average into a working network); every source must hold the same network config. Floating-point tensors,
     batch-norm statistics included, are averaged; integer buffers come from the first source, as do the voxel size
-    and the inference settings not given in `recommend` (see `export_checkpoint`). One source is a plain export
-    (its step and metadata kept).
+    and the inference settings not given in `recommend` (see `export_checkpoint`, also for `half`). One source is a
+    plain export (its step and metadata kept).
     """
     if not sources:
         raise ValueError(f"no checkpoints to write into {target}: give at least one source")
@@ -323,7 +325,7 @@ def average_checkpoints(sources: Sequence[str | Path], target: str | Path, **rec
             continue
         if value.is_floating_point() and len(payloads) > 1:
             value = torch.stack([p["state_dict"][key].float() for p in payloads]).mean(0).to(value.dtype)
-        state[key] = value
+        state[key] = value.half() if half and value.is_floating_point() else value
     extra: dict[str, Any] = {k: payloads[0][k] for k in (*INFERENCE_KEYS, "voxel_size_nm", "step") if k in payloads[0]}
     extra.update(given)
     if len(payloads) == 1:
