@@ -19,10 +19,12 @@ RUN python -m venv /opt/mitoseg \
 # Dependencies first, in their own layers: editing the source does not reinstall them.
 RUN if [ -n "$TORCH_INDEX" ]; then export PIP_INDEX_URL="$TORCH_INDEX"; fi \
     && pip install torch==${TORCH_VERSION}
-COPY setup.cfg /tmp/setup.cfg
+# The requirements and the cloud extra (zarr on s3:// and gs://), at the tested versions of constraints.txt.
+COPY setup.cfg constraints.txt /tmp/
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('/tmp/setup.cfg'); \
-print(c['options']['install_requires'].strip())" > /tmp/requirements.txt \
-    && pip install --requirement /tmp/requirements.txt
+print(c['options']['install_requires'].strip()); print(c['options.extras_require']['cloud'].strip())" \
+    > /tmp/requirements.txt \
+    && pip install --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt
 
 # The project itself, with its shipped checkpoints and example jobs as package data.
 WORKDIR /opt/mitoseg/src

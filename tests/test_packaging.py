@@ -69,3 +69,29 @@ def test_the_demo_runs_from_the_wheel_without_a_checkpoint_option(installed: Pat
     assert "segment: 4 block(s) computed" in run.stdout and "view:" in run.stdout
     for output in ("em.zarr/raw", "prediction.zarr/probs", "prediction_precomputed/info", "mitochondria.csv"):
         assert (tmp_path / "data" / "demo" / output).exists(), output
+
+
+def test_constraints_pin_every_requirement_to_a_version_setup_cfg_allows() -> None:
+    """constraints.txt (what `make install` and the image install) pins each requirement of setup.cfg and of its
+    extras to a version setup.cfg allows, and leaves torch to the machine: a requirement added or raised without
+    running .ci/lock fails here rather than on a user's machine."""
+    import configparser
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    sections = [cfg["options"]["install_requires"], *cfg["options.extras_require"].values()]
+    required = [Requirement(line) for text in sections for line in text.splitlines() if line.strip()]
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"
+    )
+    pins = {canonicalize_name(name): version for name, version in pins.items()}
+    assert "torch" not in pins and len(required) > 30
+    for requirement in required:
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{requirement} is not in constraints.txt: run .ci/lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {requirement}"
