@@ -69,6 +69,8 @@ def test_a_half_export_is_half_the_size_and_runs_in_float32_close_to_the_origina
     a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "half.pt")
     assert b.content_hash != full == a.content_hash and b.content_hash == half and b.threshold == 0.4
     assert next(b.network.parameters()).dtype == torch.float32
+    assert checkpoint_info(tmp_path / "half.pt")["weights"] == "float16"
+    assert checkpoint_info(tmp_path / "full.pt")["weights"] == "float32"
     x = torch.rand(1, 1, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(b.network(x), a.network(x), atol=2e-2, rtol=2e-2)

@@ -252,6 +252,7 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
         "path": str(path),
         "architecture": loaded.network_config.architecture,
         "parameters": sum(p.numel() for p in loaded.network.parameters()),
+        "weights": "/".join(sorted(_weight_dtypes(path))),
         "content_hash": loaded.content_hash,
         "threshold": loaded.threshold,
         "median_size": loaded.median_size,
@@ -263,6 +264,12 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
         "network_config": loaded.network_config.model_dump(mode="json"),
         "training": training,
     }
+
+
+def _weight_dtypes(path: Path) -> set[str]:
+    """The floating-point types the weights are stored in (float16 after `export --half`; they run as float32)."""
+    state = read_payload(path)["state_dict"]
+    return {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
 
 
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = False, **recommend: Any) -> str:
