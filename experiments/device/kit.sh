@@ -14,17 +14,23 @@ cd "$(dirname "$0")/../.."
 grep -qxF /.gpu/ .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
 PY=${PY:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
-# The versions .venv (`make install`) has, so the GPU runs what the tests here run; monai is benchmarks/inference.py's
-# comparison (the `bench` extra). The image has numpy, scipy, scikit-image, torch, pyyaml, psutil, tqdm, click,
-# cloudpickle, toolz, msgpack, fsspec, jinja2, sortedcontainers, packaging, pytest, typer, rich and tensorboard.
-PINS=(
-    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-    daisy==2.0.0 funlib.geometry==0.3.0
-    dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2 tornado==6.6.1 zict==3.0.0
-    monai==1.6.1
+# At the versions of constraints.txt (what `make install` installs), so the GPU runs what the tests here run; monai is
+# benchmarks/inference.py's comparison (the `bench` extra). The image has numpy, scipy, scikit-image, torch, pyyaml,
+# psutil, tqdm, click, cloudpickle, toolz, msgpack, fsspec, jinja2, sortedcontainers, packaging, pytest, typer, rich
+# and tensorboard.
+NAMES=(
+    pydantic pydantic-core annotated-types typing-inspection typing-extensions
+    zarr numcodecs donfig google-crc32c
+    daisy funlib-geometry
+    dask distributed partd locket tblib tornado zict
+    monai
 )
-[ "$PYVER" = 3.12 ] || PINS+=(importlib-metadata==10.2.0 lazy-importer==0.1.0) # dask needs them below Python 3.12 (the try here)
+[ "$PYVER" = 3.12 ] || NAMES+=(importlib-metadata lazy-importer) # dask needs them below Python 3.12 (the try here)
+PINS=()
+for name in "${NAMES[@]}"; do
+    pin=$(grep -xE "$name==[^=]+" constraints.txt) || { echo "$name is not pinned in constraints.txt" >&2; exit 1; }
+    PINS+=("$pin")
+done
 target=(--python-version "$PYVER" --implementation cp --only-binary=:all:)
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
     manylinux_2_5_x86_64 manylinux1_x86_64; do target+=(--platform "$p"); done
