@@ -379,8 +379,11 @@ def execute(run: SegmentRun, client: Any, plugin: Any = None, progress: bool = T
 
 
 def _label_shards(follow: InstancesConfig, shards: Vec3 | None) -> Vec3 | None:
-    """The shards of the labels that follow segment: its outputs' shards, where the label output can hold them
-    (not zarr v2) and the instances blocks, when set, are whole shards."""
+    """The shards of the labels that follow segment: the section's own; else, when it decodes segment's output,
+    that output's shards, where the label output can hold them (not zarr v2) and the instances blocks, when set,
+    are whole shards."""
+    if follow.shard_size is not None or follow.input is not None:
+        return follow.shard_size
     if shards is None or follow.output is None or parse_volume_url(follow.output).zarr_format == 2:
         return None
     block = follow.block_size
@@ -448,9 +451,11 @@ def _execute_and_finish(run: SegmentRun, client: Any, plugin: Any, progress: boo
 
         follow = run.config.instances
         # by default it decodes what this run predicted: the first output, over the same region, in its shards
-        update: dict[str, Any] = {"input": follow.input or result.outputs[0], "roi": follow.roi or run.config.roi}
-        if follow.input is None and follow.shard_size is None:
-            update["shard_size"] = _label_shards(follow, run.config.shard_size)
+        update = {
+            "input": follow.input or result.outputs[0],
+            "roi": follow.roi or run.config.roi,
+            "shard_size": _label_shards(follow, run.config.shard_size),
+        }
         follow = follow.model_copy(update=update)
         result.extra["instances"] = run_instances(follow, client, progress=progress, force=force)
     return result

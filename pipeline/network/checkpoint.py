@@ -252,7 +252,7 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
         "path": str(path),
         "architecture": loaded.network_config.architecture,
         "parameters": sum(p.numel() for p in loaded.network.parameters()),
-        "weights": "/".join(sorted(_weight_dtypes(path))),
+        "weights": "/".join(sorted(_weight_dtypes(loaded.payload["state_dict"]))),
         "content_hash": loaded.content_hash,
         "threshold": loaded.threshold,
         "median_size": loaded.median_size,
@@ -266,9 +266,8 @@ def checkpoint_info(value: str | Path) -> dict[str, Any]:
     }
 
 
-def _weight_dtypes(path: Path) -> set[str]:
+def _weight_dtypes(state: dict[str, torch.Tensor]) -> set[str]:
     """The floating-point types the weights are stored in (float16 after `export --half`; they run as float32)."""
-    state = read_payload(path)["state_dict"]
     return {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
 
 
