@@ -8,12 +8,12 @@ import torch
 
 from pipeline.errors import ModelLoadError
 from pipeline.network.inputs import scale_input
-from workers.patch_predictor import Predictor, fold_batch_norm, pick_device
+from workers.patch_predictor import Predictor, auto_precision, fold_batch_norm, pick_device
 
 
 def test_folded_channels_last_network_matches_the_plain_one(tiny_checkpoint) -> None:
-    plain = Predictor(str(tiny_checkpoint), device="cpu", optimize=False)
-    fast = Predictor(str(tiny_checkpoint), device="cpu", optimize=True)
+    plain = Predictor(str(tiny_checkpoint), device="cpu", precision="float32", optimize=False)
+    fast = Predictor(str(tiny_checkpoint), device="cpu", precision="float32", optimize=True)
     assert fast.memory_format == torch.channels_last_3d
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.network.modules())
     patch = np.random.default_rng(0).random((1, 8, 32, 32), dtype=np.float32)
@@ -34,6 +34,25 @@ def test_a_batch_equals_its_patches_one_by_one_and_tensors_stay_tensors(tiny_che
     assert isinstance(on_device, torch.Tensor) and np.array_equal(on_device.numpy(), patches)
     found = predictor.batch(on_device)
     assert isinstance(found, torch.Tensor) and np.array_equal(found.numpy(), batch)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bfloat16_only_on_cpus_with_amx(monkeypatch, tiny_checkpoint, amx) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert auto_precision("cuda") == "float16"
+    predictor = Predictor(str(tiny_checkpoint), device="cpu")
+    assert predictor.device_class == ("cpu/bfloat16" if amx else "cpu/float32")
+    assert predictor.autocast_dtype == (torch.bfloat16 if amx else None)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: float32
+    assert auto_precision("cpu") == "float32"
+
+
+def test_cpu_bfloat16_stays_close_to_float32(tiny_checkpoint) -> None:
+    full = Predictor(str(tiny_checkpoint), device="cpu", precision="float32")
+    half = Predictor(str(tiny_checkpoint), device="cpu", precision="bfloat16")
+    patch = np.random.default_rng(3).random((1, 8, 32, 32), dtype=np.float32)
+    a, b = full(patch), half(patch)
+    assert b.dtype == np.float32 and 0 < np.abs(a - b).max() < 2e-2
 
 
 def test_fold_batch_norm_leaves_other_modules_alone() -> None:

@@ -153,14 +153,15 @@ def test_an_input_chunk_rewritten_in_place_recomputes_exactly_the_blocks_that_re
 
 def test_a_precision_change_recomputes_and_is_recorded(client, raw_url, tiny_checkpoint, tmp_path) -> None:
     out = f"zarr://file://{tmp_path}/p.zarr/probs"
-    first = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False).run
+    full = dict(precision="float32")
+    first = segment(config(raw_url, out, tiny_checkpoint, **full), client=client, progress=False).run
     half = segment(config(raw_url, out, tiny_checkpoint, precision="bfloat16"), client=client, progress=False)
     current = str(resolve_version(out))
     assert half.run.completed == first.total and open_volume(current).provenance["precision"] == "bfloat16"
-    assert not np.array_equal(read_all(current), solo(client, raw_url, tiny_checkpoint, tmp_path, "full"))
-    back = segment(config(raw_url, out, tiny_checkpoint), client=client, progress=False)
+    assert not np.array_equal(read_all(current), solo(client, raw_url, tiny_checkpoint, tmp_path, "full", **full))
+    back = segment(config(raw_url, out, tiny_checkpoint, **full), client=client, progress=False)
     assert half.job_key != back.job_key and back.run.unchanged == first.total  # float32's version is still whole
-    assert open_volume(str(resolve_version(out))).provenance["precision"] == "auto"
+    assert open_volume(str(resolve_version(out))).provenance["precision"] == "float32"
 
 
 def test_a_recreated_output_is_never_written_through_stale_worker_caches(

@@ -91,7 +91,9 @@ class SegmentConfig(ClusterJob):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run the network.")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float16 autocast on GPU, float32 on CPU (bf16 is slow on CPUs)."
+        "auto",
+        description="auto = float16 autocast on a GPU; bfloat16 autocast on a CPU with AMX units (about 1.75x the "
+        "speed of float32, same Jaccard), float32 on other CPUs (bfloat16 is emulated there and slow).",
     )
     batch_size: int | None = Field(
         None,
